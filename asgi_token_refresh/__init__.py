@@ -1,0 +1,36 @@
+"""asgi-token-refresh: single-flight OAuth2 token refresh for ASGI apps.
+
+One token-endpoint call per grant, however many requests, tabs, threads or event loops find the
+access token expired at once; stragglers served from a grace cache; dead sessions cached as dead.
+"""
+
+from ._clock import Clock, SystemClock
+from ._errors import (
+    ConfigurationError,
+    ReauthenticationRequired,
+    RefreshUnavailable,
+    TokenEndpointError,
+    TokenRefreshError,
+)
+from ._oauth import AuthorizationRequest, OAuth2Client, ProviderMetadata
+from ._refresher import Refresher, TokenParams
+from ._tokens import TokenSet
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AuthorizationRequest",
+    "Clock",
+    "ConfigurationError",
+    "OAuth2Client",
+    "ProviderMetadata",
+    "ReauthenticationRequired",
+    "RefreshUnavailable",
+    "Refresher",
+    "SystemClock",
+    "TokenEndpointError",
+    "TokenParams",
+    "TokenRefreshError",
+    "TokenSet",
+    "__version__",
+]

@@ -1,0 +1,524 @@
+"""The process-wide refresher: one flight per grant, stragglers served from a grace cache.
+
+A caller whose token set is due asks :class:`Refresher` for a new one. Under one lock it either
+gets a newer token set from the grace cache, a cached failure, or a place in the flight for that
+refresh token — starting the flight if there is none. Flights run on the library's I/O loop,
+detached from every caller, so a cancelled request cancels only its own wait, and callers on any
+event loop or thread share them. DESIGN.md §3 lists the invariants this module keeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import inspect
+import logging
+import math
+import random
+import secrets
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+from cachetools import TLRUCache, TTLCache
+
+from ._clock import Clock
+from ._errors import (
+    ConfigurationError,
+    ReauthenticationRequired,
+    RefreshUnavailable,
+    TokenEndpointError,
+    TokenRefreshError,
+)
+from ._ioloop import io_loop, reset_after_fork
+from ._oauth import DEFAULT_RETRY_AFTER, OAuth2Client
+from ._tokens import TokenSet
+
+__all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "TokenParams"]
+
+logger = logging.getLogger("asgi_token_refresh")
+
+#: Reads the session's token set as it is stored now (another request may have rotated it).
+CurrentTokenSet = Callable[[], "Awaitable[TokenSet | None] | TokenSet | None"]
+#: Receives a token set the provider just issued, to persist it even if every caller is gone.
+OnRefreshed = Callable[[TokenSet], "Awaitable[None] | None"]
+
+# OAuth error codes that mean this grant (or this client) will never work again.
+_TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+# A chain of rotations longer than this inside one grace TTL is not a chain but a bug.
+_MAX_CHAIN = 32
+# Keys are keyed hashes so that no cache, log line or metric ever holds a token. The key is
+# per process; the distributed coordinator derives its own from the app's secret.
+_KEY_SECRET = secrets.token_bytes(32)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenParams:
+    """Request parameters that make two token requests different (RFC 8707 ``resource``,
+    the de-facto ``audience``). Never coalesce requests whose parameters differ."""
+
+    scope: str | None = None
+    resource: str | None = None
+    audience: str | None = None
+
+
+_NO_PARAMS = TokenParams()
+
+
+def _hash_key(*parts: str | None) -> bytes:
+    digest = hashlib.blake2b(digest_size=16, key=_KEY_SECRET)
+    for part in parts:
+        if part is None:
+            digest.update(b"\x00")
+        else:
+            raw = part.encode()
+            digest.update(b"\x01" + len(raw).to_bytes(4, "big") + raw)
+    return digest.digest()
+
+
+class _Flight:
+    """One exchange with the token endpoint and everyone waiting for it."""
+
+    __slots__ = (
+        "done",
+        "error",
+        "grant",
+        "key",
+        "on_refreshed",
+        "params",
+        "read_current",
+        "result",
+        "token_set",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        key: bytes,
+        grant: Literal["refresh_token", "client_credentials"],
+        token_set: TokenSet | None,
+        params: TokenParams,
+    ) -> None:
+        self.key = key
+        self.grant = grant
+        self.token_set = token_set
+        self.params = params
+        self.waiters: list[asyncio.Future[TokenSet]] = []
+        # The first caller's hooks stand for all: every caller of one refresh token belongs to
+        # the same session, and keeping one each keeps joining O(1).
+        self.read_current: CurrentTokenSet | None = None
+        self.on_refreshed: OnRefreshed | None = None
+        self.done = False
+        self.result: TokenSet | None = None
+        self.error: BaseException | None = None
+
+
+def _release(
+    waiters: list[asyncio.Future[TokenSet]], result: TokenSet | None, error: BaseException | None
+) -> None:
+    for waiter in waiters:
+        if waiter.done():  # that caller was cancelled; the flight does not care
+            continue
+        if error is None:
+            assert result is not None
+            waiter.set_result(result)
+        else:
+            waiter.set_exception(copy.copy(error))
+
+
+class Refresher:
+    """Process-wide, TTL-cached, single-flight token refresh for one OAuth client.
+
+    Share one per (provider, client id): :meth:`shared` returns it. ``skew`` seconds before
+    expiry (clamped to half the token's lifetime, plus up to ``jitter`` seconds) a token set is
+    due. A rotation is remembered under the old refresh token for ``grace_ttl`` so stragglers
+    are served without calling the provider; a terminal failure is remembered as long, a
+    transient one for its ``Retry-After`` (capped at ``grace_ttl``). At most ``max_concurrency``
+    token requests are in flight at once, queued first come first served; each has ``timeout``
+    seconds once it runs.
+    """
+
+    _registry: ClassVar[dict[tuple[str, str], Refresher]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(
+        self,
+        client: OAuth2Client,
+        *,
+        skew: float = 60.0,
+        jitter: float = 5.0,
+        grace_ttl: float = 60.0,
+        timeout: float = 15.0,
+        max_concurrency: int = 10,
+        max_entries: int = 50_000,
+        clock: Clock | None = None,
+    ) -> None:
+        for name, value in (("skew", skew), ("jitter", jitter), ("grace_ttl", grace_ttl)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigurationError(f"{name} must be a non-negative number of seconds")
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigurationError("timeout must be a positive number of seconds")
+        if max_concurrency < 1 or max_entries < 1:
+            raise ConfigurationError("max_concurrency and max_entries must be at least 1")
+        self.client = client
+        self.skew = skew
+        self.jitter = jitter
+        self.grace_ttl = grace_ttl
+        self.timeout = timeout
+        self.max_concurrency = max_concurrency
+        self.max_entries = max_entries
+        self.clock: Clock = clock or client.clock
+        self._options = {
+            "skew": skew,
+            "jitter": jitter,
+            "grace_ttl": grace_ttl,
+            "timeout": timeout,
+            "max_concurrency": max_concurrency,
+            "max_entries": max_entries,
+            "clock": self.clock,
+        }
+        # _lock guards _flights, _grace, _failures and every _Flight's waiter lists and state.
+        self._lock = threading.Lock()
+        self._flights: dict[bytes, _Flight] = {}
+        # old refresh token's key -> the token set that replaced it
+        self._grace: TTLCache[bytes, TokenSet] = TTLCache(
+            max_entries, grace_ttl, timer=self.clock.monotonic
+        )
+        # key -> (error, seconds to remember it)
+        self._failures: TLRUCache[bytes, tuple[TokenRefreshError, float]] = TLRUCache(
+            max_entries, lambda _k, v, now: now + v[1], timer=self.clock.monotonic
+        )
+        # Client-credentials tokens by parameters; read without the lock (dict.get is atomic).
+        self._machine_tokens: dict[bytes, TokenSet] = {}
+        self._slots: asyncio.Semaphore | None = None  # lives on the I/O loop, made there
+        reset_after_fork(self)
+
+    @classmethod
+    def shared(cls, client: OAuth2Client, **options: Any) -> Refresher:
+        """The process-wide refresher for ``client``'s provider and client id.
+
+        The first call creates it; later calls return the same one, and raise
+        :class:`ConfigurationError` if they ask for different options.
+        """
+        identity = (client.provider_url, client.client_id)
+        with cls._registry_lock:
+            existing = cls._registry.get(identity)
+            if existing is None:
+                existing = cls._registry[identity] = cls(client, **options)
+            elif any(existing._options.get(k, v) != v for k, v in options.items()):
+                raise ConfigurationError(
+                    f"a refresher for {client!r} already exists with other options; "
+                    "pass the same options or the same Refresher to every user"
+                )
+            return existing
+
+    def __repr__(self) -> str:
+        return (
+            f"Refresher(client={self.client!r}, skew={self.skew:g}, grace_ttl={self.grace_ttl:g}, "
+            f"flights={len(self._flights)})"
+        )
+
+    # -- the fresh path: no lock, no I/O, no telemetry ------------------------------------------
+
+    def refresh_due(self, token_set: TokenSet) -> bool:
+        """Whether ``token_set`` should be replaced now."""
+        lead = self.skew + self.jitter * random.random()  # noqa: S311 - spreading, not secrecy
+        return token_set.refresh_due(self.clock.time(), lead)
+
+    async def ensure_fresh(
+        self,
+        token_set: TokenSet,
+        *,
+        params: TokenParams = _NO_PARAMS,
+        current: CurrentTokenSet | None = None,
+        on_refreshed: OnRefreshed | None = None,
+    ) -> TokenSet:
+        """``token_set`` if it is fresh, else its successor (from the cache or one flight).
+
+        ``current`` reads the session's stored token set; the flight consults it before calling
+        the provider and before declaring the session dead. ``on_refreshed`` receives the new
+        token set even if every caller has gone. Both run on the library's I/O loop and may be
+        plain or async functions; they must not use objects bound to another event loop.
+        """
+        if not self.refresh_due(token_set):
+            return token_set
+        return await self._acquire(token_set, None, params, current, on_refreshed)
+
+    async def refresh(
+        self,
+        token_set: TokenSet,
+        *,
+        failed_access_token: str | None = None,
+        params: TokenParams = _NO_PARAMS,
+        current: CurrentTokenSet | None = None,
+        on_refreshed: OnRefreshed | None = None,
+    ) -> TokenSet:
+        """Compare-and-refresh, for an access token the API rejected (default: ``token_set``'s).
+
+        If a newer token set than the one that failed is already known, it is returned without
+        calling the provider; otherwise this joins or starts the flight.
+        """
+        failed = failed_access_token or token_set.access_token
+        return await self._acquire(token_set, failed, params, current, on_refreshed)
+
+    def ensure_fresh_sync(self, token_set: TokenSet, **options: Any) -> TokenSet:
+        """Blocking :meth:`ensure_fresh`, for sync code in a worker thread."""
+        if not self.refresh_due(token_set):
+            return token_set
+        return io_loop.run_sync(self.ensure_fresh(token_set, **options))
+
+    def refresh_sync(self, token_set: TokenSet, **options: Any) -> TokenSet:
+        """Blocking :meth:`refresh`, for sync code in a worker thread."""
+        return io_loop.run_sync(self.refresh(token_set, **options))
+
+    async def client_credentials(self, params: TokenParams = _NO_PARAMS) -> TokenSet:
+        """A client-credentials (machine) token, cached per parameters, one flight at a time."""
+        key = _hash_key(
+            "client_credentials",
+            self.client.provider_url,
+            self.client.client_id,
+            params.scope,
+            params.resource,
+            params.audience,
+        )
+        cached = self._machine_tokens.get(key)
+        if cached is not None and not self.refresh_due(cached):
+            return cached
+        waiter: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            failure = self._failures.get(key)
+            if failure is not None:
+                raise copy.copy(failure[0])
+            flight = self._flights.get(key)
+            leading = flight is None
+            if flight is None:
+                flight = self._flights[key] = _Flight(key, "client_credentials", None, params)
+            flight.waiters.append(waiter)
+        if leading:
+            io_loop.submit(self._fly(flight))
+        return await waiter
+
+    def forget(self, token_set: TokenSet, *, params: TokenParams = _NO_PARAMS) -> None:
+        """After logout: stragglers holding this session's older refresh tokens must not be
+        handed its tokens any more. They get ``ReauthenticationRequired("no_session")``."""
+        if token_set.refresh_token is None:
+            return
+        with self._lock:
+            key, _ = self._newest(token_set, params)
+            error = ReauthenticationRequired("no_session", "logged out")
+            self._failures[key] = (error, self.grace_ttl)
+
+    # -- joining ----------------------------------------------------------------------------
+
+    def _key(self, refresh_token: str, params: TokenParams) -> bytes:
+        return _hash_key(
+            "refresh_token",
+            self.client.provider_url,
+            self.client.client_id,
+            refresh_token,
+            params.scope,
+            params.resource,
+            params.audience,
+        )
+
+    def _newest(self, token_set: TokenSet, params: TokenParams) -> tuple[bytes, TokenSet]:
+        """Follow the grace cache from ``token_set`` to the newest generation. Needs _lock."""
+        assert token_set.refresh_token is not None
+        key = self._key(token_set.refresh_token, params)
+        for _ in range(_MAX_CHAIN):
+            successor = self._grace.get(key)
+            if successor is None or successor.issued_at < token_set.issued_at:
+                break
+            token_set = successor
+            if successor.refresh_token is None:
+                break
+            next_key = self._key(successor.refresh_token, params)
+            if next_key == key:  # the provider does not rotate: same refresh token, new access
+                break
+            key = next_key
+        return key, token_set
+
+    async def _acquire(
+        self,
+        token_set: TokenSet,
+        failed_access_token: str | None,
+        params: TokenParams,
+        current: CurrentTokenSet | None,
+        on_refreshed: OnRefreshed | None,
+    ) -> TokenSet:
+        if token_set.refresh_token is None:
+            raise ReauthenticationRequired("no_session", "the session has no refresh token")
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            waiter: asyncio.Future[TokenSet] = loop.create_future()
+            with self._lock:
+                key, newest = self._newest(token_set, params)
+                failure = self._failures.get(key)
+                if failure is not None:
+                    raise copy.copy(failure[0])
+                if failed_access_token is not None:
+                    if newest.access_token != failed_access_token:
+                        return newest
+                elif newest is not token_set and not self.refresh_due(newest):
+                    return newest
+                flight = self._flights.get(key)
+                leading = flight is None
+                if flight is None:
+                    flight = self._flights[key] = _Flight(key, "refresh_token", newest, params)
+                flight.waiters.append(waiter)
+                flight.read_current = flight.read_current or current
+                flight.on_refreshed = flight.on_refreshed or on_refreshed
+            if leading:
+                io_loop.submit(self._fly(flight))
+            result = await waiter
+            # Only a token set read back from the store can already be due; go round once more
+            # so that it is refreshed in the flight of *its* refresh token.
+            if failed_access_token is not None or not self.refresh_due(result):
+                return result
+            token_set = result
+        return result
+
+    # -- flying (on the I/O loop) ---------------------------------------------------------------
+
+    async def _fly(self, flight: _Flight) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        result: TokenSet | None = None
+        error: BaseException | None = None
+        issued = False
+        try:
+            async with self._slots:
+                async with asyncio.timeout(self.timeout):
+                    result, issued = await self._exchange(flight)
+        except TimeoutError:
+            error = RefreshUnavailable(
+                "timeout", retry_after=DEFAULT_RETRY_AFTER, detail=f"no answer in {self.timeout:g}s"
+            )
+        except asyncio.CancelledError:
+            error = RefreshUnavailable(
+                "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail="flight cancelled"
+            )
+            self._settle(flight, None, error, cache=False)
+            raise
+        except Exception as exc:
+            error = exc
+        self._settle(flight, result, error, cache=True)
+        if issued and result is not None:
+            await self._persist(flight, result)
+
+    async def _exchange(self, flight: _Flight) -> tuple[TokenSet, bool]:
+        """The provider call, with the re-checks of invariants 3 and 5. Returns the token set
+        and whether the provider issued it (rather than a cache or the store)."""
+        client = self.client
+        params = flight.params
+        if flight.grant == "client_credentials":
+            issued = await client.client_credentials(
+                scope=params.scope, resource=params.resource, audience=params.audience
+            )
+            return issued, True
+
+        token_set = flight.token_set
+        assert token_set is not None
+        assert token_set.refresh_token is not None
+        # Invariant 3: someone may have rotated this grant since the flight was created.
+        with self._lock:
+            _, newest = self._newest(token_set, params)
+        # A newer generation found here may itself be due: the caller then goes round once
+        # more and refreshes it under its own refresh token, never under this stale one.
+        if newest is not token_set:
+            return newest, False
+        stored = await self._read_current(flight)
+        if stored is not None:
+            return stored, False
+        try:
+            issued = await client.refresh(
+                token_set.refresh_token,
+                scope=params.scope,
+                resource=params.resource,
+                audience=params.audience,
+                previous=token_set,
+            )
+        except TokenEndpointError as exc:
+            if exc.error not in _TERMINAL_ERRORS:
+                raise
+            # Invariant 5: another process may have rotated the token we just presented.
+            stored = await self._read_current(flight)
+            if stored is not None:
+                return stored, False
+            raise ReauthenticationRequired(exc.error) from exc
+        return issued, True
+
+    async def _read_current(self, flight: _Flight) -> TokenSet | None:
+        """The stored token set, if it is a newer generation than the flight's."""
+        assert flight.token_set is not None
+        if flight.read_current is None:
+            return None
+        try:
+            stored = flight.read_current()
+            if inspect.isawaitable(stored):
+                stored = await stored
+        except Exception:
+            logger.exception("current-token-set reader failed; ignoring it")
+            return None
+        if (
+            isinstance(stored, TokenSet)
+            and stored.issued_at >= flight.token_set.issued_at
+            and stored.refresh_token != flight.token_set.refresh_token
+        ):
+            return stored
+        return None
+
+    def _settle(
+        self, flight: _Flight, result: TokenSet | None, error: BaseException | None, *, cache: bool
+    ) -> None:
+        fingerprint = flight.key.hex()[:12]
+        with self._lock:
+            if flight.done:
+                return
+            if result is not None:
+                if flight.grant == "client_credentials":
+                    self._remember_machine_token(flight.key, result)
+                else:
+                    self._grace[flight.key] = result
+            elif cache and isinstance(error, ReauthenticationRequired):
+                self._failures[flight.key] = (error, self.grace_ttl)
+                logger.info("session %s needs reauthentication: %s", fingerprint, error.reason)
+            elif cache and isinstance(error, RefreshUnavailable | TokenEndpointError):
+                # A short memory stops a crowd of requests from hammering a provider that is down.
+                ttl = getattr(error, "retry_after", None) or DEFAULT_RETRY_AFTER
+                self._failures[flight.key] = (error, min(ttl, self.grace_ttl))
+                logger.warning("token refresh for %s failed: %s", fingerprint, error)
+            del self._flights[flight.key]
+            flight.done, flight.result, flight.error = True, result, error
+            waiters, flight.waiters = flight.waiters, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[TokenSet]]] = {}
+        for waiter in waiters:
+            by_loop.setdefault(waiter.get_loop(), []).append(waiter)
+        for loop, group in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its callers are gone
+                loop.call_soon_threadsafe(_release, group, result, error)
+
+    def _remember_machine_token(self, key: bytes, token_set: TokenSet) -> None:
+        tokens = self._machine_tokens
+        tokens[key] = token_set
+        while len(tokens) > self.max_entries:
+            del tokens[next(iter(tokens))]
+
+    async def _persist(self, flight: _Flight, token_set: TokenSet) -> None:
+        if flight.on_refreshed is None:
+            return
+        try:
+            outcome = flight.on_refreshed(token_set)
+            if inspect.isawaitable(outcome):
+                await outcome
+        except Exception:
+            logger.exception("on_refreshed callback failed; the new tokens were not persisted")
+
+    def _after_fork_in_child(self) -> None:
+        # Flights in progress belong to the parent's I/O thread, which the child does not have.
+        self._lock = threading.Lock()
+        self._flights.clear()
+        self._slots = None

@@ -1,0 +1,183 @@
+"""TokenSet: what a token endpoint returned, and when it stops being fresh."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._errors import TokenEndpointError
+
+__all__ = ["TokenSet"]
+
+# Fields of an RFC 6749 §5.1 response that TokenSet models itself; the rest go to ``extra``.
+_KNOWN_FIELDS = frozenset(
+    {"access_token", "refresh_token", "id_token", "token_type", "expires_in", "scope"}
+)
+
+
+def _invalid(description: str) -> TokenEndpointError:
+    return TokenEndpointError("invalid_response", error_description=description)
+
+
+@dataclass(frozen=True, slots=True, repr=False)
+class TokenSet:
+    """An immutable set of tokens with its expiry, in wall-clock seconds since the epoch.
+
+    ``issued_at`` orders generations of one session: a store never replaces a token set with
+    one issued earlier. ``repr`` shows which tokens are present, never their values.
+    """
+
+    access_token: str
+    expires_at: float
+    issued_at: float
+    refresh_token: str | None = None
+    id_token: str | None = None
+    token_type: str = "Bearer"
+    scope: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def lifetime(self) -> float:
+        """Seconds between issue and expiry."""
+        return self.expires_at - self.issued_at
+
+    def refresh_due(self, now: float, skew: float) -> bool:
+        """Whether the access token should be replaced at wall time ``now``.
+
+        ``skew`` is clamped to half the lifetime, so a 60 s skew never makes a 90 s token look
+        permanently stale.
+        """
+        return now >= self.expires_at - min(skew, self.lifetime / 2)
+
+    @classmethod
+    def from_token_response(
+        cls,
+        body: bytes | str | Mapping[str, Any],
+        *,
+        issued_at: float,
+        default_lifetime: float,
+        previous: TokenSet | None = None,
+    ) -> TokenSet:
+        """Parse a successful RFC 6749 §5.1 response.
+
+        A missing ``expires_in`` means ``default_lifetime``. When refreshing (``previous`` given),
+        a provider that does not rotate keeps the old refresh token, and an omitted ``id_token``
+        or ``scope`` keeps the old one. Garbage raises :class:`TokenEndpointError`
+        (``invalid_response``) naming what is wrong, never echoing values.
+        """
+        payload: Any = body
+        if isinstance(body, bytes | str):
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                raise _invalid("token response is not JSON") from None
+        if not isinstance(payload, Mapping):
+            raise _invalid("token response is not a JSON object")
+
+        access_token = payload.get("access_token")
+        if not isinstance(access_token, str) or not access_token:
+            raise _invalid("token response has no access_token")
+
+        lifetime = _parse_expires_in(payload.get("expires_in"), default_lifetime)
+        refresh_token = _optional_str(payload, "refresh_token")
+        id_token = _optional_str(payload, "id_token")
+        scope = _optional_str(payload, "scope")
+        token_type = _optional_str(payload, "token_type") or "Bearer"
+        if token_type.lower() == "bearer":
+            token_type = "Bearer"
+        if previous is not None:
+            refresh_token = refresh_token or previous.refresh_token
+            id_token = id_token or previous.id_token
+            scope = scope or previous.scope
+        return cls(
+            access_token=access_token,
+            refresh_token=refresh_token,
+            id_token=id_token,
+            token_type=token_type,
+            expires_at=issued_at + lifetime,
+            issued_at=issued_at,
+            scope=scope,
+            extra={k: v for k, v in payload.items() if k not in _KNOWN_FIELDS},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable form, for session stores."""
+        data: dict[str, Any] = {
+            "access_token": self.access_token,
+            "expires_at": self.expires_at,
+            "issued_at": self.issued_at,
+            "token_type": self.token_type,
+        }
+        for name in ("refresh_token", "id_token", "scope"):
+            value = getattr(self, name)
+            if value is not None:
+                data[name] = value
+        if self.extra:
+            data["extra"] = dict(self.extra)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TokenSet:
+        """Inverse of :meth:`to_dict`; raises ``ValueError`` on a malformed mapping."""
+        try:
+            access_token = data["access_token"]
+            expires_at = float(data["expires_at"])
+            issued_at = float(data["issued_at"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError("not a serialised TokenSet") from None
+        extra = data.get("extra", {})
+        optional = [data.get(k) for k in ("refresh_token", "id_token", "scope")]
+        token_type = data.get("token_type", "Bearer")
+        if (
+            not isinstance(access_token, str)
+            or not isinstance(extra, Mapping)
+            or not isinstance(token_type, str)
+            or not all(v is None or isinstance(v, str) for v in optional)
+            or not (math.isfinite(expires_at) and math.isfinite(issued_at))
+        ):
+            raise ValueError("not a serialised TokenSet")
+        refresh_token, id_token, scope = optional
+        return cls(
+            access_token=access_token,
+            expires_at=expires_at,
+            issued_at=issued_at,
+            refresh_token=refresh_token,
+            id_token=id_token,
+            token_type=token_type,
+            scope=scope,
+            extra=dict(extra),
+        )
+
+    def __repr__(self) -> str:
+        present = [n for n in ("refresh_token", "id_token") if getattr(self, n) is not None]
+        return (
+            f"TokenSet(token_type={self.token_type!r}, expires_at={self.expires_at:.0f}, "
+            f"scope={self.scope!r}, has={present!r})"
+        )
+
+
+def _optional_str(payload: Mapping[str, Any], name: str) -> str | None:
+    value = payload.get(name)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _invalid(f"token response field {name} is not a string")
+    return value
+
+
+def _parse_expires_in(value: Any, default: float) -> float:
+    if value is None:
+        return default
+    # Some providers send "3600" as a string; booleans are ints in Python but not numbers here.
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise _invalid("token response expires_in is not a number")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise _invalid("token response expires_in is not a number") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise _invalid("token response expires_in is not a non-negative number")
+    return seconds
