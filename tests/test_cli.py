@@ -12,7 +12,8 @@ def test_naive_refresh_loses_every_session_and_single_flight_loses_none() -> Non
     assert naive.provider_calls == naive.requests  # every request calls; dead sessions too
     assert naive.sessions_lost == 10
     assert naive.invalid_grant > 0
-    assert naive.failures == naive.requests
+    # A winner may call the API before another request's reuse revokes its grant; no more.
+    assert naive.failures >= naive.requests - 10
     assert single_flight.provider_calls == 10 * 3  # one per session per rotation
     assert single_flight.invalid_grant == 0
     assert single_flight.sessions_lost == 0
