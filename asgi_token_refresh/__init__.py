@@ -4,6 +4,7 @@ One token-endpoint call per grant, however many requests, tabs, threads or event
 access token expired at once; stragglers served from a grace cache; dead sessions cached as dead.
 """
 
+from ._accessor import SyncTokenAccessor, TokenAccessor
 from ._clock import Clock, SystemClock
 from ._errors import (
     ConfigurationError,
@@ -12,8 +13,10 @@ from ._errors import (
     TokenEndpointError,
     TokenRefreshError,
 )
+from ._middleware import TokenRefreshMiddleware
 from ._oauth import AuthorizationRequest, OAuth2Client, ProviderMetadata
 from ._refresher import Refresher, TokenParams
+from ._stores import CookieSessionStore, MemorySessionStore, Session, SessionStore
 from ._tokens import TokenSet
 
 __version__ = "0.1.0"
@@ -22,15 +25,22 @@ __all__ = [
     "AuthorizationRequest",
     "Clock",
     "ConfigurationError",
+    "CookieSessionStore",
+    "MemorySessionStore",
     "OAuth2Client",
     "ProviderMetadata",
     "ReauthenticationRequired",
     "RefreshUnavailable",
     "Refresher",
+    "Session",
+    "SessionStore",
+    "SyncTokenAccessor",
     "SystemClock",
+    "TokenAccessor",
     "TokenEndpointError",
     "TokenParams",
     "TokenRefreshError",
+    "TokenRefreshMiddleware",
     "TokenSet",
     "__version__",
 ]

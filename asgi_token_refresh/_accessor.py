@@ -1,0 +1,248 @@
+"""TokenAccessor: what ``request.state.token`` is.
+
+One per request, created by the middleware and doing nothing until used. It loads the session
+from the store on first use, returns the access token when fresh, asks the process-wide
+refresher otherwise, and remembers what changed so the middleware can write it back before the
+response starts. It holds no loop-bound object, so the sync variant can drive it from a worker
+thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from ._errors import ReauthenticationRequired, RefreshUnavailable
+from ._ioloop import io_loop
+from ._refresher import Refresher, TokenParams
+from ._stores import Session, SessionStore, parse_cookie_header
+from ._tokens import TokenSet
+
+__all__ = ["SyncTokenAccessor", "TokenAccessor"]
+
+logger = logging.getLogger("asgi_token_refresh")
+
+_Scope = Mapping[str, Any]
+
+
+class TokenAccessor:
+    """The current request's view of its session's tokens.
+
+    ``await get()`` returns a fresh access token; ``await headers()`` the ``Authorization``
+    header for it. Safe to use from several tasks of the same request at once: they share the
+    loaded session and, through the refresher, one flight.
+    """
+
+    __slots__ = (
+        "_anonymous",
+        "_changed",
+        "_committed",
+        "_cookies",
+        "_loaded",
+        "_new_session",
+        "_refresher",
+        "_scope",
+        "_session",
+        "_store",
+        "_token_set",
+    )
+
+    def __init__(
+        self,
+        scope: _Scope,
+        store: SessionStore,
+        refresher: Refresher,
+        anonymous: TokenParams | None = None,
+    ) -> None:
+        self._scope = scope
+        self._store = store
+        self._refresher = refresher
+        self._anonymous = anonymous
+        self._cookies: dict[str, str] | None = None
+        self._loaded = False
+        self._session: Session | None = None
+        self._token_set: TokenSet | None = None
+        self._changed = False  # the token set differs from what the store holds
+        self._new_session = False  # set by login(): the store issues a new session
+        self._committed = False  # the response has started; cookies can no longer change
+
+    def __repr__(self) -> str:
+        state = "not loaded" if not self._loaded else f"token_set={self._token_set!r}"
+        return f"TokenAccessor({state}, changed={self._changed})"
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        if self._cookies is None:
+            header = b"; ".join(v for k, v in self._scope.get("headers", ()) if k == b"cookie")
+            self._cookies = parse_cookie_header(header.decode("latin-1"))
+        return self._cookies
+
+    async def _load(self) -> TokenSet | None:
+        if not self._loaded:
+            session = await self._store.load(self.cookies)
+            if not self._loaded:  # another task of this request may have loaded meanwhile
+                self._session = session
+                self._token_set = session.token_set if session is not None else None
+                self._loaded = True
+        return self._token_set
+
+    async def token_set(self) -> TokenSet | None:
+        """The session's current token set (possibly refreshed by this request), or ``None``."""
+        return self._token_set if self._loaded else await self._load()
+
+    async def is_authenticated(self) -> bool:
+        """Whether the request carries a session with tokens (fresh or refreshable)."""
+        return (self._token_set if self._loaded else await self._load()) is not None
+
+    async def get(self) -> str:
+        """A fresh access token for this session.
+
+        Raises :class:`ReauthenticationRequired` when there is no session or it is dead (unless
+        the middleware runs with ``on_terminal="anonymous"``, which answers with a
+        client-credentials token) and :class:`RefreshUnavailable` when the provider is down.
+        """
+        token_set = self._token_set if self._loaded else await self._load()
+        if token_set is None:
+            return (await self._no_session("no_session")).access_token
+        if not self._refresher.refresh_due(token_set):
+            return token_set.access_token
+        return (await self._renew(token_set, None)).access_token
+
+    async def headers(self) -> dict[str, str]:
+        """``{"Authorization": "Bearer <fresh access token>"}``."""
+        token = await self.get()
+        token_set = self._token_set
+        token_type = token_set.token_type if token_set is not None else "Bearer"
+        return {"Authorization": f"{token_type} {token}"}
+
+    async def refresh(self, failed_access_token: str | None = None) -> str:
+        """Compare-and-refresh after an API rejected ``failed_access_token`` (default: the
+        current one). Returns the newer token without a provider call if one is known."""
+        token_set = self._token_set if self._loaded else await self._load()
+        if token_set is None:
+            return (await self._no_session("no_session")).access_token
+        return (
+            await self._renew(token_set, failed_access_token or token_set.access_token)
+        ).access_token
+
+    async def _renew(self, token_set: TokenSet, failed_access_token: str | None) -> TokenSet:
+        store, session = self._store, self._session
+        server_side = store.server_side and session is not None
+        hooks: dict[str, Any] = {}
+        if server_side:
+            assert session is not None
+            hooks["current"] = functools.partial(store.read, session)
+            hooks["on_refreshed"] = functools.partial(store.persist, session)
+        try:
+            if failed_access_token is None:
+                new = await self._refresher.ensure_fresh(token_set, **hooks)
+            else:
+                new = await self._refresher.refresh(
+                    token_set, failed_access_token=failed_access_token, **hooks
+                )
+        except ReauthenticationRequired as exc:
+            self._clear()
+            return await self._no_session(exc.reason, exc)
+        if new is not token_set:
+            self._token_set = new
+            self._changed = True
+            if self._committed and not server_side:
+                logger.debug("refreshed after the response started: the cookie keeps old tokens")
+        return new
+
+    async def _no_session(self, reason: str, cause: BaseException | None = None) -> TokenSet:
+        if self._anonymous is not None:
+            return await self._refresher.client_credentials(self._anonymous)
+        raise ReauthenticationRequired(reason) from cause
+
+    # -- login and logout --------------------------------------------------------------------
+
+    async def login(self, tokens: TokenSet | Mapping[str, Any] | bytes) -> TokenSet:
+        """Start a session with ``tokens``: a TokenSet, or a token-endpoint response body."""
+        if self._committed:
+            raise RuntimeError("login() after the response started cannot set the session")
+        if not isinstance(tokens, TokenSet):
+            client = self._refresher.client
+            tokens = TokenSet.from_token_response(
+                tokens,
+                issued_at=client.clock.time(),
+                default_lifetime=client.default_token_lifetime,
+            )
+        await self._load()
+        self._token_set = tokens
+        self._changed = True
+        self._new_session = True
+        return tokens
+
+    async def logout(self, *, revoke: bool = True) -> None:
+        """End the session: revoke the refresh token at the provider (RFC 7009), clear the
+        store and refuse stragglers still holding older refresh tokens."""
+        token_set = await self._load()
+        self._clear()
+        if token_set is None or token_set.refresh_token is None:
+            return
+        self._refresher.forget(token_set)
+        if revoke:
+            try:
+                await self._refresher.client.revoke(token_set.refresh_token)
+            except RefreshUnavailable as exc:
+                # The session is gone here either way; the provider lets the grant expire.
+                logger.warning("could not revoke the refresh token at logout: %s", exc)
+
+    def _clear(self) -> None:
+        self._token_set = None
+        self._changed = True
+        self._new_session = False
+
+    # -- writing back (the middleware calls this) --------------------------------------------
+
+    async def commit(self) -> list[str]:
+        """Write what changed to the store; the ``Set-Cookie`` values to send. Once."""
+        self._committed = True
+        if not self._changed:
+            return []
+        self._changed = False
+        session, cookies = await self._store.save(
+            self.cookies, self._session, self._token_set, new_session=self._new_session
+        )
+        self._session, self._new_session = session, False
+        return cookies
+
+    # -- the sync variant --------------------------------------------------------------------
+
+    @property
+    def sync(self) -> SyncTokenAccessor:
+        """The same accessor for sync endpoints running in a worker thread."""
+        return SyncTokenAccessor(self)
+
+
+class SyncTokenAccessor:
+    """Blocking twin of :class:`TokenAccessor` for code in a worker thread (never in a loop)."""
+
+    __slots__ = ("_accessor",)
+
+    def __init__(self, accessor: TokenAccessor) -> None:
+        self._accessor = accessor
+
+    def get(self) -> str:
+        accessor = self._accessor
+        token_set = accessor._token_set if accessor._loaded else io_loop.run_sync(accessor._load())
+        if token_set is not None and not accessor._refresher.refresh_due(token_set):
+            return token_set.access_token
+        return io_loop.run_sync(accessor.get())
+
+    def headers(self) -> dict[str, str]:
+        return io_loop.run_sync(self._accessor.headers())
+
+    def token_set(self) -> TokenSet | None:
+        return io_loop.run_sync(self._accessor.token_set())
+
+    def is_authenticated(self) -> bool:
+        return io_loop.run_sync(self._accessor.is_authenticated())
+
+    def refresh(self, failed_access_token: str | None = None) -> str:
+        return io_loop.run_sync(self._accessor.refresh(failed_access_token))

@@ -1,0 +1,157 @@
+"""TokenRefreshMiddleware: puts a TokenAccessor on ``request.state.token``.
+
+Pure ASGI, in the manner of Starlette's own middleware: ``__init__`` validates and precomputes,
+``__call__`` keeps nothing per request on ``self``, and the response is edited only by wrapping
+``send`` around ``http.response.start`` (where changed session state becomes ``Set-Cookie``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ._accessor import TokenAccessor
+from ._errors import ConfigurationError, ReauthenticationRequired, RefreshUnavailable
+from ._oauth import OAuth2Client
+from ._refresher import Refresher, TokenParams
+from ._stores import MemorySessionStore, SessionStore
+
+__all__ = ["TokenRefreshMiddleware"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: The ``error`` field of the JSON body answered with ``on_terminal="401"``; stable.
+TERMINAL_ERROR_CODE = "reauthentication_required"
+UNAVAILABLE_ERROR_CODE = "token_refresh_unavailable"
+
+
+class TokenRefreshMiddleware:
+    """Give every request a lazy ``request.state.token`` backed by one process-wide refresher.
+
+    ``on_terminal`` says what the user sees when the session cannot be refreshed (the session
+    is cleared in every case): ``"401"`` (JSON body ``{"error": "reauthentication_required"}``
+    and ``WWW-Authenticate``), ``"redirect:/path"`` (303, for HTML apps), ``"anonymous"``
+    (continue with a client-credentials token, ``anonymous_scope``), or ``"raise"`` (let the
+    app handle :class:`ReauthenticationRequired`). A provider outage answers 503 with
+    ``Retry-After`` and keeps the session.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        client: OAuth2Client | None = None,
+        store: SessionStore | None = None,
+        on_terminal: str = "401",
+        refresher: Refresher | None = None,
+        skew: float | None = None,
+        grace_ttl: float | None = None,
+        anonymous_scope: str | None = None,
+        state_key: str = "token",
+    ) -> None:
+        if refresher is None:
+            if client is None:
+                raise ConfigurationError("TokenRefreshMiddleware needs client= (or refresher=)")
+            options = {"skew": skew, "grace_ttl": grace_ttl}
+            refresher = Refresher.shared(
+                client, **{k: v for k, v in options.items() if v is not None}
+            )
+        elif client is not None and client is not refresher.client:
+            raise ConfigurationError("client= and refresher= disagree; pass one of them")
+        elif skew is not None or grace_ttl is not None:
+            raise ConfigurationError("set skew and grace_ttl on the Refresher you pass")
+        store = store if store is not None else MemorySessionStore()
+        if not isinstance(store, SessionStore):
+            raise ConfigurationError(f"store must implement SessionStore, not {type(store)!r}")
+        self.app = app
+        self.refresher = refresher
+        self.store = store
+        self.state_key = state_key
+        self._redirect: str | None = None
+        self._raise = on_terminal == "raise"
+        self._anonymous: TokenParams | None = None
+        if on_terminal == "anonymous":
+            self._anonymous = TokenParams(scope=anonymous_scope)
+        elif on_terminal.startswith("redirect:"):
+            self._redirect = on_terminal.removeprefix("redirect:")
+            if not self._redirect.startswith("/") and "://" not in self._redirect:
+                raise ConfigurationError("on_terminal='redirect:...' needs a path or URL")
+        elif on_terminal not in ("401", "raise"):
+            raise ConfigurationError(
+                "on_terminal must be '401', 'redirect:/path', 'anonymous' or 'raise', "
+                f"not {on_terminal!r}"
+            )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        accessor = TokenAccessor(scope, self.store, self.refresher, self._anonymous)
+        scope.setdefault("state", {})[self.state_key] = accessor
+        started = False
+
+        async def send_with_session(message: Message) -> None:
+            nonlocal started
+            if message["type"] in ("http.response.start", "websocket.accept") and not started:
+                started = True
+                cookies = await accessor.commit()
+                if cookies:
+                    headers = list(message.get("headers", ()))
+                    headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
+                    message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_session)
+        except ReauthenticationRequired as exc:
+            if started or self._raise:
+                raise
+            await self._answer_terminal(scope, exc, send_with_session)
+        except RefreshUnavailable as exc:
+            if started:
+                raise
+            await self._answer_unavailable(scope, exc, send_with_session)
+
+    async def _answer_terminal(
+        self, scope: Scope, exc: ReauthenticationRequired, send: Send
+    ) -> None:
+        accessor: TokenAccessor = scope["state"][self.state_key]
+        accessor._clear()
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008, "reason": TERMINAL_ERROR_CODE})
+            return
+        if self._redirect is not None:
+            await _respond(send, 303, b"", [(b"location", self._redirect.encode("latin-1"))])
+            return
+        body = {"error": TERMINAL_ERROR_CODE, "reason": exc.reason}
+        challenge = b'Bearer error="invalid_token", error_description="reauthentication required"'
+        await _respond(send, 401, _json(body), [(b"www-authenticate", challenge)])
+
+    async def _answer_unavailable(self, scope: Scope, exc: RefreshUnavailable, send: Send) -> None:
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1013, "reason": UNAVAILABLE_ERROR_CODE})
+            return
+        retry_after = str(max(1, math.ceil(exc.retry_after))).encode()
+        body = {"error": UNAVAILABLE_ERROR_CODE, "reason": exc.reason}
+        await _respond(send, 503, _json(body), [(b"retry-after", retry_after)])
+
+
+def _json(body: dict[str, str]) -> bytes:
+    return json.dumps(body).encode()
+
+
+async def _respond(
+    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    if body:
+        headers = [*headers, (b"content-type", b"application/json")]
+    headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"cache-control", b"no-store"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

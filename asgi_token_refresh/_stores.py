@@ -1,0 +1,378 @@
+"""Where a session's token set lives between requests.
+
+A :class:`SessionStore` is four small async methods, so writing one is easy. Two are built in:
+:class:`CookieSessionStore` keeps the token set in the browser, AES-GCM encrypted and
+authenticated, split over several cookies when large; :class:`MemorySessionStore` keeps it in
+this process behind an opaque random id (the embedded default for a single process). Neither
+ever moves a session back to an older token generation, and bad cookies are simply no session.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+from cachetools import TTLCache
+
+from ._clock import SYSTEM_CLOCK, Clock
+from ._errors import ConfigurationError
+from ._tokens import TokenSet
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+__all__ = [
+    "CookieSessionStore",
+    "MemorySessionStore",
+    "Session",
+    "SessionStore",
+    "parse_cookie_header",
+]
+
+logger = logging.getLogger("asgi_token_refresh")
+
+SameSite = Literal["lax", "strict", "none"]
+_THIRTY_DAYS = 30 * 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """A session as a store loaded it. ``id`` is the opaque id of server-side stores."""
+
+    token_set: TokenSet
+    id: str | None = None
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """Persists one token set per browser session.
+
+    ``server_side`` stores keep the state on the server, so a refresh that finishes after the
+    response started can still be saved (:meth:`persist`); cookie stores can only write through
+    the response. Implementations must be safe to call from any thread and event loop.
+    """
+
+    server_side: bool
+
+    async def load(self, cookies: Mapping[str, str]) -> Session | None:
+        """The request's session, or ``None`` (absent, expired, tampered: never an error)."""
+        ...
+
+    async def save(
+        self,
+        cookies: Mapping[str, str],
+        previous: Session | None,
+        token_set: TokenSet | None,
+        *,
+        new_session: bool = False,
+    ) -> tuple[Session | None, list[str]]:
+        """Store ``token_set`` for the request that sent ``cookies`` (``None`` clears the
+        session); ``new_session`` after a login. Returns the session now current and the
+        ``Set-Cookie`` header values to send.
+        """
+        ...
+
+    async def read(self, session: Session) -> TokenSet | None:
+        """The token set stored for ``session`` now (another request may have rotated it)."""
+        ...
+
+    async def persist(self, session: Session, token_set: TokenSet) -> None:
+        """Save a refreshed token set without a response (server-side stores only)."""
+        ...
+
+
+def parse_cookie_header(header: str) -> dict[str, str]:
+    """Parse a ``Cookie`` request header; malformed pairs are skipped, the first value wins."""
+    cookies: dict[str, str] = {}
+    for pair in header.split(";"):
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if sep and name and name not in cookies:
+            cookies[name] = value.strip().strip('"')
+    return cookies
+
+
+def _validate_cookie_options(name: str, same_site: str, secure: bool, max_age: float) -> None:
+    if not name or any(c in name for c in ' ;,="\t\r\n'):
+        raise ConfigurationError(f"cookie name {name!r} is not a valid cookie name")
+    if same_site not in ("lax", "strict", "none"):
+        raise ConfigurationError("same_site must be 'lax', 'strict' or 'none'")
+    if same_site == "none" and not secure:
+        raise ConfigurationError("browsers reject SameSite=None cookies without Secure")
+    if max_age <= 0:
+        raise ConfigurationError("max_age must be a positive number of seconds")
+
+
+class _CookieWriter:
+    """Builds ``Set-Cookie`` values with one set of attributes."""
+
+    def __init__(
+        self, *, path: str, domain: str | None, secure: bool, same_site: SameSite, max_age: float
+    ) -> None:
+        attributes = [f"Path={path}"]
+        if domain:
+            attributes.append(f"Domain={domain}")
+        attributes.append("HttpOnly")
+        if secure:
+            attributes.append("Secure")
+        attributes.append(f"SameSite={same_site.capitalize()}")
+        self._attributes = "; ".join(attributes)
+        self.max_age = max_age
+
+    def set(self, name: str, value: str, max_age: float | None = None) -> str:
+        return f"{name}={value}; Max-Age={int(max_age or self.max_age)}; {self._attributes}"
+
+    def delete(self, name: str) -> str:
+        return f"{name}=; Max-Age=0; {self._attributes}"
+
+
+def _session_max_age(token_set: TokenSet, default: float) -> float:
+    # Keycloak and others say how long the refresh token lives; the cookie should not outlive it.
+    seconds = token_set.extra.get("refresh_expires_in")
+    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+        return min(float(seconds), default)
+    return default
+
+
+class CookieSessionStore:
+    """The token set in the browser: AES-GCM encrypted and authenticated, chunked when large.
+
+    ``secret_keys``: the first encrypts, every one decrypts, so keys rotate by prepending a new
+    one and dropping the oldest later. Each must be at least 32 characters (use
+    ``secrets.token_urlsafe(32)``). Cookies are HttpOnly, Secure (set ``secure=False`` only for
+    plain-http local development) and SameSite=Lax; Max-Age follows the refresh token's
+    lifetime when the provider says it (``refresh_expires_in``), else ``max_age``. Tampered,
+    truncated, wrong-key or garbage cookies load as no session and are counted in ``rejected``.
+    """
+
+    server_side = False
+    _VERSION = "v1"
+
+    def __init__(
+        self,
+        secret_keys: Sequence[str | bytes],
+        *,
+        cookie_name: str = "atr_session",
+        secure: bool = True,
+        same_site: SameSite = "lax",
+        path: str = "/",
+        domain: str | None = None,
+        max_age: float = _THIRTY_DAYS,
+        chunk_size: int = 3800,
+    ) -> None:
+        try:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise ConfigurationError(
+                "CookieSessionStore needs the 'cryptography' package: "
+                "pip install 'asgi-token-refresh[cookies]'"
+            ) from None
+        if isinstance(secret_keys, str | bytes) or not secret_keys:
+            raise ConfigurationError("secret_keys must be a non-empty list of keys")
+        for key in secret_keys:
+            if len(key) < 32:
+                raise ConfigurationError("every secret key must be at least 32 characters long")
+        _validate_cookie_options(cookie_name, same_site, secure, max_age)
+        if not 256 <= chunk_size <= 4000:
+            raise ConfigurationError("chunk_size must be between 256 and 4000 characters")
+        self.cookie_name = cookie_name
+        self._aad = f"asgi-token-refresh|{self._VERSION}|{cookie_name}".encode()
+        self._ciphers: list[AESGCM] = [AESGCM(self._derive(k)) for k in secret_keys]
+        self._chunk_size = chunk_size
+        self._writer = _CookieWriter(
+            path=path, domain=domain, secure=secure, same_site=same_site, max_age=max_age
+        )
+        self._rejected = 0
+        self._rejected_lock = threading.Lock()
+
+    @staticmethod
+    def _derive(secret: str | bytes) -> bytes:
+        raw = secret.encode() if isinstance(secret, str) else secret
+        # A fixed-purpose derivation so the same secret used elsewhere yields an unrelated key.
+        return hashlib.blake2b(raw, digest_size=32, person=b"atr-cookie-v1").digest()
+
+    @property
+    def rejected(self) -> int:
+        """Cookies that were present but could not be decrypted or parsed."""
+        return self._rejected
+
+    def __repr__(self) -> str:
+        return f"CookieSessionStore(cookie_name={self.cookie_name!r}, keys={len(self._ciphers)})"
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def _encrypt(self, token_set: TokenSet) -> str:
+        nonce = secrets.token_bytes(12)
+        plaintext = json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
+        sealed = self._ciphers[0].encrypt(nonce, plaintext, self._aad)
+        return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
+
+    def _decrypt(self, blob: str) -> TokenSet:
+        from cryptography.exceptions import InvalidTag
+
+        raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
+        if len(raw) < 12 + 16:
+            raise ValueError("too short")
+        for cipher in self._ciphers:
+            try:
+                plaintext = cipher.decrypt(raw[:12], raw[12:], self._aad)
+            except InvalidTag:
+                continue
+            return TokenSet.from_dict(json.loads(plaintext))
+        raise ValueError("no key decrypts it")
+
+    def _chunk_names(self, cookies: Mapping[str, str]) -> list[str]:
+        prefix = self.cookie_name + "."
+        return [n for n in cookies if n.startswith(prefix) and n[len(prefix) :].isdigit()]
+
+    # -- SessionStore ----------------------------------------------------------------------
+
+    async def load(self, cookies: Mapping[str, str]) -> Session | None:
+        head = cookies.get(self.cookie_name)
+        if not head:
+            return None
+        try:
+            version, count, first = head.split(".", 2)
+            if version != self._VERSION or not count.isdigit() or not 1 <= int(count) <= 16:
+                raise ValueError("bad header")
+            parts = [first] + [cookies[f"{self.cookie_name}.{i}"] for i in range(1, int(count))]
+            return Session(self._decrypt("".join(parts)))
+        except (ValueError, KeyError, binascii.Error, UnicodeError):
+            with self._rejected_lock:
+                self._rejected += 1
+            logger.info("rejected an unreadable session cookie")
+            return None
+
+    async def save(
+        self,
+        cookies: Mapping[str, str],
+        previous: Session | None,
+        token_set: TokenSet | None,
+        *,
+        new_session: bool = False,
+    ) -> tuple[Session | None, list[str]]:
+        # Every cookie of the old session that the new one does not overwrite is deleted.
+        stale = {self.cookie_name, *self._chunk_names(cookies)} & set(cookies)
+        if token_set is None:
+            return None, [self._writer.delete(name) for name in sorted(stale)]
+        blob = self._encrypt(token_set)
+        size = self._chunk_size
+        chunks = [blob[i : i + size] for i in range(0, len(blob), size)]
+        if len(chunks) > 16:
+            raise ValueError("token set too large for 16 cookies")
+        max_age = _session_max_age(token_set, self._writer.max_age)
+        headers = [
+            self._writer.set(
+                self.cookie_name, f"{self._VERSION}.{len(chunks)}.{chunks[0]}", max_age
+            )
+        ]
+        names = [self.cookie_name]
+        for i, chunk in enumerate(chunks[1:], start=1):
+            names.append(f"{self.cookie_name}.{i}")
+            headers.append(self._writer.set(names[-1], chunk, max_age))
+        headers += [self._writer.delete(name) for name in sorted(stale - set(names))]
+        return Session(token_set), headers
+
+    async def read(self, session: Session) -> TokenSet | None:
+        return None  # only the browser holds cookie sessions
+
+    async def persist(self, session: Session, token_set: TokenSet) -> None:
+        return None  # nothing to write without a response
+
+
+class MemorySessionStore:
+    """Sessions in this process's memory, behind an opaque random id in a cookie.
+
+    The embedded default for one process: nothing to configure, tokens never leave the server.
+    Bounded: at most ``max_sessions`` (least recently used go first), each kept ``max_age``
+    seconds after its last write. Sessions do not survive a restart and are not shared between
+    workers; use RedisSessionStore for that. A login always issues a new id (no fixation).
+    """
+
+    server_side = True
+
+    def __init__(
+        self,
+        *,
+        cookie_name: str = "atr_sid",
+        secure: bool = True,
+        same_site: SameSite = "lax",
+        path: str = "/",
+        domain: str | None = None,
+        max_age: float = _THIRTY_DAYS,
+        max_sessions: int = 100_000,
+        clock: Clock | None = None,
+    ) -> None:
+        _validate_cookie_options(cookie_name, same_site, secure, max_age)
+        if max_sessions < 1:
+            raise ConfigurationError("max_sessions must be at least 1")
+        self.cookie_name = cookie_name
+        self._writer = _CookieWriter(
+            path=path, domain=domain, secure=secure, same_site=same_site, max_age=max_age
+        )
+        clock = clock or SYSTEM_CLOCK
+        self._lock = threading.Lock()  # guards _sessions (cachetools is not thread-safe)
+        self._sessions: TTLCache[str, TokenSet] = TTLCache(
+            max_sessions, max_age, timer=clock.monotonic
+        )
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sessions)
+
+    def __repr__(self) -> str:
+        return f"MemorySessionStore(cookie_name={self.cookie_name!r}, sessions={len(self)})"
+
+    def _put(self, session_id: str, token_set: TokenSet) -> None:
+        """Compare-and-set: a slower writer never regresses the session to an older generation."""
+        with self._lock:
+            stored = self._sessions.get(session_id)
+            if stored is None or token_set.issued_at >= stored.issued_at:
+                self._sessions[session_id] = token_set
+
+    async def load(self, cookies: Mapping[str, str]) -> Session | None:
+        session_id = cookies.get(self.cookie_name)
+        if not session_id:
+            return None
+        with self._lock:
+            token_set = self._sessions.get(session_id)
+        return None if token_set is None else Session(token_set, session_id)
+
+    async def save(
+        self,
+        cookies: Mapping[str, str],
+        previous: Session | None,
+        token_set: TokenSet | None,
+        *,
+        new_session: bool = False,
+    ) -> tuple[Session | None, list[str]]:
+        if previous is not None and (new_session or token_set is None):
+            with self._lock:
+                self._sessions.pop(previous.id or "", None)
+        if token_set is None:
+            present = self.cookie_name in cookies
+            return None, [self._writer.delete(self.cookie_name)] if present else []
+        if previous is None or new_session:
+            session_id = secrets.token_urlsafe(32)
+            self._put(session_id, token_set)
+            return Session(token_set, session_id), [self._writer.set(self.cookie_name, session_id)]
+        assert previous.id is not None
+        self._put(previous.id, token_set)
+        # Re-sent so the cookie's Max-Age slides along with the session's TTL here.
+        return Session(token_set, previous.id), [self._writer.set(self.cookie_name, previous.id)]
+
+    async def read(self, session: Session) -> TokenSet | None:
+        with self._lock:
+            return self._sessions.get(session.id or "")
+
+    async def persist(self, session: Session, token_set: TokenSet) -> None:
+        if session.id is not None:
+            self._put(session.id, token_set)

@@ -1,0 +1,272 @@
+from __future__ import annotations
+
+import base64
+import re
+import threading
+
+import pytest
+
+from asgi_token_refresh import (
+    ConfigurationError,
+    CookieSessionStore,
+    MemorySessionStore,
+    Session,
+    SessionStore,
+    TokenSet,
+)
+from asgi_token_refresh._stores import parse_cookie_header
+from asgi_token_refresh.testing import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+KEY_A = "a" * 32
+KEY_B = "b" * 40
+NOW = 1_700_000_000.0
+
+
+def token_set(
+    access: str = "AT", refresh: str = "RT", issued_at: float = NOW, **extra: object
+) -> TokenSet:
+    return TokenSet(
+        access_token=access,
+        refresh_token=refresh,
+        expires_at=issued_at + 300,
+        issued_at=issued_at,
+        extra=extra,
+    )
+
+
+def cookies_from(set_cookies: list[str]) -> dict[str, str]:
+    """What a browser sends back after receiving these Set-Cookie headers."""
+    jar: dict[str, str] = {}
+    for header in set_cookies:
+        pair = header.split(";", 1)[0]
+        name, value = pair.split("=", 1)
+        if "Max-Age=0" in header:
+            jar.pop(name, None)
+        else:
+            jar[name] = value
+    return jar
+
+
+def test_both_stores_implement_the_protocol() -> None:
+    assert isinstance(CookieSessionStore([KEY_A]), SessionStore)
+    assert isinstance(MemorySessionStore(), SessionStore)
+
+
+def test_cookie_header_parsing_skips_garbage() -> None:
+    header = 'a=1; b="2"; junk; =x; a=3; c=with=equals'
+    assert parse_cookie_header(header) == {"a": "1", "b": "2", "c": "with=equals"}
+
+
+# -- CookieSessionStore -------------------------------------------------------------------------
+
+
+async def test_cookie_round_trip_is_encrypted_and_flagged() -> None:
+    store = CookieSessionStore([KEY_A])
+    session, headers = await store.save({}, None, token_set("SECRET-ACCESS", "SECRET-REFRESH"))
+    assert session is not None
+    assert len(headers) == 1
+    assert "SECRET" not in headers[0]
+    for flag in ("HttpOnly", "Secure", "SameSite=Lax", "Path=/", "Max-Age=2592000"):
+        assert flag in headers[0]
+    loaded = await store.load(cookies_from(headers))
+    assert loaded == Session(token_set("SECRET-ACCESS", "SECRET-REFRESH"))
+
+
+async def test_secure_can_be_turned_off_for_local_http() -> None:
+    _, headers = await CookieSessionStore([KEY_A], secure=False).save({}, None, token_set())
+    assert "Secure" not in headers[0]
+
+
+async def test_max_age_follows_the_refresh_token_lifetime_when_known() -> None:
+    store = CookieSessionStore([KEY_A])
+    _, headers = await store.save({}, None, token_set(refresh_expires_in=1800))
+    assert "Max-Age=1800" in headers[0]
+
+
+async def test_large_token_sets_are_chunked_and_reassembled() -> None:
+    store = CookieSessionStore([KEY_A], chunk_size=1000)
+    big = token_set("x" * 2500, "y" * 2500)
+    _, headers = await store.save({}, None, big)
+    jar = cookies_from(headers)
+    assert sorted(jar) == ["atr_session", *(f"atr_session.{i}" for i in range(1, len(jar)))]
+    assert len(jar) >= 5
+    assert all(len(v) <= 1010 for v in jar.values())
+    loaded = await store.load(jar)
+    assert loaded is not None
+    assert loaded.token_set == big
+
+
+async def test_stale_chunks_are_deleted_when_the_session_shrinks() -> None:
+    store = CookieSessionStore([KEY_A], chunk_size=1000)
+    _, headers = await store.save({}, None, token_set("x" * 3000))
+    jar = cookies_from(headers)
+    _, headers = await store.save(jar, None, token_set("small"))
+    deleted = {h.split("=", 1)[0] for h in headers if "Max-Age=0" in h}
+    assert deleted == set(jar) - {"atr_session"}
+    jar = cookies_from(headers)
+    assert list(jar) == ["atr_session"]
+    loaded = await store.load(jar)
+    assert loaded is not None
+    assert loaded.token_set.access_token == "small"
+
+
+async def test_clearing_deletes_every_session_cookie() -> None:
+    store = CookieSessionStore([KEY_A], chunk_size=1000)
+    _, headers = await store.save({}, None, token_set("x" * 3000))
+    jar = cookies_from(headers)
+    _, headers = await store.save(jar, None, None)
+    assert all("Max-Age=0" in h for h in headers)
+    assert cookies_from(headers) == {}
+
+
+async def test_keys_rotate_decrypt_with_any_encrypt_with_the_first() -> None:
+    old = CookieSessionStore([KEY_A])
+    _, headers = await old.save({}, None, token_set())
+    rotated = CookieSessionStore([KEY_B, KEY_A])
+    assert await rotated.load(cookies_from(headers)) is not None
+    _, headers = await rotated.save({}, None, token_set())
+    assert await CookieSessionStore([KEY_B]).load(cookies_from(headers)) is not None
+    assert await CookieSessionStore([KEY_A]).load(cookies_from(headers)) is None
+
+
+def _flip(value: str) -> str:
+    head, _, blob = value.rpartition(".")
+    raw = bytearray(base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4)))
+    raw[20] ^= 1
+    return f"{head}.{base64.urlsafe_b64encode(bytes(raw)).rstrip(b'=').decode()}"
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        _flip,  # tampered ciphertext
+        lambda v: v[:-10],  # truncated
+        lambda v: "v1.1.garbage!!",  # not base64
+        lambda v: "v1.1.",  # empty
+        lambda v: "v9." + v[3:],  # unknown version
+        lambda v: "v1.99." + v[5:],  # too many chunks
+        lambda v: "v1.2." + v[5:],  # missing chunk
+        lambda v: "nonsense",
+        lambda v: "x" * 5000,  # oversized
+    ],
+)
+async def test_bad_cookies_are_no_session_and_are_counted(mangle: object) -> None:
+    store = CookieSessionStore([KEY_A])
+    _, headers = await store.save({}, None, token_set())
+    jar = cookies_from(headers)
+    jar["atr_session"] = mangle(jar["atr_session"])  # type: ignore[operator]
+    assert await store.load(jar) is None
+    assert store.rejected == 1
+
+
+async def test_a_cookie_from_another_cookie_name_is_rejected() -> None:
+    _, headers = await CookieSessionStore([KEY_A], cookie_name="one").save({}, None, token_set())
+    value = cookies_from(headers)["one"]
+    assert await CookieSessionStore([KEY_A], cookie_name="two").load({"two": value}) is None
+
+
+@pytest.mark.parametrize(
+    ("keys", "options", "complaint"),
+    [
+        ([], {}, "non-empty"),
+        ("a" * 32, {}, "non-empty list"),
+        (["short"], {}, "at least 32"),
+        ([KEY_A], {"cookie_name": "bad name"}, "not a valid cookie name"),
+        ([KEY_A], {"same_site": "none", "secure": False}, "SameSite=None"),
+        ([KEY_A], {"same_site": "sometimes"}, "same_site"),
+        ([KEY_A], {"chunk_size": 100}, "chunk_size"),
+    ],
+)
+def test_cookie_store_configuration_is_validated(
+    keys: list[str], options: dict[str, object], complaint: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=complaint):
+        CookieSessionStore(keys, **options)  # type: ignore[arg-type]
+
+
+def test_cookie_store_repr_has_no_key() -> None:
+    assert KEY_A not in repr(CookieSessionStore([KEY_A]))
+
+
+# -- MemorySessionStore -------------------------------------------------------------------------
+
+
+async def test_memory_sessions_live_behind_an_opaque_id() -> None:
+    store = MemorySessionStore()
+    session, headers = await store.save({}, None, token_set("SECRET-ACCESS"))
+    assert session is not None
+    assert session.id is not None
+    assert len(session.id) >= 40
+    assert "SECRET" not in headers[0]
+    assert re.match(
+        r"atr_sid=[\w-]+; Max-Age=\d+; Path=/; HttpOnly; Secure; SameSite=Lax", headers[0]
+    )
+    assert await store.load(cookies_from(headers)) == session
+    assert await store.load({"atr_sid": "guessed"}) is None
+
+
+async def test_login_issues_a_new_session_id_and_drops_the_old_one() -> None:
+    store = MemorySessionStore()
+    first, _ = await store.save({}, None, token_set())
+    assert first is not None
+    second, _ = await store.save({}, first, token_set("new"), new_session=True)
+    assert second is not None
+    assert second.id != first.id
+    assert await store.read(first) is None
+
+
+async def test_a_slower_writer_never_regresses_the_session() -> None:
+    store = MemorySessionStore()
+    session, _ = await store.save({}, None, token_set("gen1", issued_at=NOW))
+    assert session is not None
+    await store.persist(session, token_set("gen3", issued_at=NOW + 20))
+    await store.save({}, session, token_set("gen2", issued_at=NOW + 10))
+    stored = await store.read(session)
+    assert stored is not None
+    assert stored.access_token == "gen3"
+
+
+def test_concurrent_writers_leave_the_newest_generation() -> None:
+    store = MemorySessionStore()
+    session = Session(token_set(), "sid")
+    import asyncio
+
+    def writer(offset: int) -> None:
+        for generation in range(offset, 400, 4):
+            asyncio.run(
+                store.persist(session, token_set(f"gen{generation}", issued_at=NOW + generation))
+            )
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    stored = asyncio.run(store.read(session))
+    assert stored is not None
+    assert stored.access_token == "gen399"
+
+
+async def test_memory_store_is_bounded_and_expires() -> None:
+    clock = FakeClock()
+    store = MemorySessionStore(max_sessions=3, max_age=60, clock=clock)
+    sessions = [(await store.save({}, None, token_set(f"u{i}")))[0] for i in range(5)]
+    assert len(store) == 3
+    assert sessions[0] is not None
+    assert await store.read(sessions[0]) is None
+    clock.advance(61)
+    assert sessions[4] is not None
+    assert await store.read(sessions[4]) is None
+
+
+async def test_clearing_a_memory_session_deletes_its_cookie() -> None:
+    store = MemorySessionStore()
+    session, headers = await store.save({}, None, token_set())
+    jar = cookies_from(headers)
+    cleared, headers = await store.save(jar, session, None)
+    assert cleared is None
+    assert headers == ["atr_sid=; Max-Age=0; Path=/; HttpOnly; Secure; SameSite=Lax"]
+    assert session is not None
+    assert await store.read(session) is None
