@@ -13,19 +13,23 @@ from ._errors import (
     TokenEndpointError,
     TokenRefreshError,
 )
+from ._httpx import BlockingTokens, MachineTokens, SessionTokens, TokenAuth, TokenSource
 from ._middleware import TokenRefreshMiddleware
 from ._oauth import AuthorizationRequest, OAuth2Client, ProviderMetadata
 from ._refresher import Refresher, TokenParams
 from ._stores import CookieSessionStore, MemorySessionStore, Session, SessionStore
+from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthorizationRequest",
+    "BlockingTokens",
     "Clock",
     "ConfigurationError",
     "CookieSessionStore",
+    "MachineTokens",
     "MemorySessionStore",
     "OAuth2Client",
     "ProviderMetadata",
@@ -34,13 +38,17 @@ __all__ = [
     "Refresher",
     "Session",
     "SessionStore",
+    "SessionTokens",
     "SyncTokenAccessor",
     "SystemClock",
+    "Telemetry",
     "TokenAccessor",
+    "TokenAuth",
     "TokenEndpointError",
     "TokenParams",
     "TokenRefreshError",
     "TokenRefreshMiddleware",
     "TokenSet",
+    "TokenSource",
     "__version__",
 ]

@@ -14,10 +14,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import httpx
+
 from ._errors import ReauthenticationRequired, RefreshUnavailable
+from ._httpx import shared_client
 from ._ioloop import io_loop
 from ._refresher import Refresher, TokenParams
 from ._stores import Session, SessionStore, parse_cookie_header
+from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, terminal_type
 from ._tokens import TokenSet
 
 __all__ = ["SyncTokenAccessor", "TokenAccessor"]
@@ -109,6 +113,7 @@ class TokenAccessor:
         if token_set is None:
             return (await self._no_session("no_session")).access_token
         if not self._refresher.refresh_due(token_set):
+            self._refresher.fresh_hits += 1
             return token_set.access_token
         return (await self._renew(token_set, None)).access_token
 
@@ -157,7 +162,31 @@ class TokenAccessor:
     async def _no_session(self, reason: str, cause: BaseException | None = None) -> TokenSet:
         if self._anonymous is not None:
             return await self._refresher.client_credentials(self._anonymous)
+        attributes = {
+            ERROR_TYPE: terminal_type(reason),
+            COMPONENT: "asgi",
+            PROVIDER: self._refresher.client.name,
+        }
+        self._refresher.telemetry.terminal_failures.add(1, attributes)
         raise ReauthenticationRequired(reason) from cause
+
+    @property
+    def refresher(self) -> Refresher:
+        return self._refresher
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self._refresher.telemetry
+
+    def client(self, **options: Any) -> httpx.AsyncClient:
+        """A new ``httpx.AsyncClient`` for this request: bearer token injected, one 401 → one
+        compare-and-refresh → one retry. It shares a process-wide connection pool but holds
+        this user's tokens only in itself. ``options`` go to ``httpx.AsyncClient``.
+
+            async with request.state.token.client(base_url=API) as api:
+                response = await api.get("/me")
+        """
+        return shared_client(self, self._refresher.telemetry, **options)
 
     # -- login and logout --------------------------------------------------------------------
 
@@ -227,6 +256,14 @@ class SyncTokenAccessor:
 
     def __init__(self, accessor: TokenAccessor) -> None:
         self._accessor = accessor
+
+    @property
+    def refresher(self) -> Refresher:
+        return self._accessor.refresher
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self._accessor.telemetry
 
     def get(self) -> str:
         accessor = self._accessor

@@ -25,6 +25,7 @@ import httpx
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
 from ._ioloop import io_loop, reset_after_fork
+from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
 __all__ = [
@@ -264,6 +265,7 @@ class OAuth2Client:
         http_client: httpx.AsyncClient | None = None,
         clock: Clock | None = None,
         name: str | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         if not client_id:
             raise ConfigurationError("client_id is required")
@@ -309,6 +311,8 @@ class OAuth2Client:
         #: Identifies (provider, client) in cache keys, logs and the ``provider`` attribute.
         self.provider_url: str = issuer or token_endpoint or ""
         self.name: str = name or urlsplit(self.provider_url).hostname or "oauth2"
+        #: Spans and metrics; Refreshers built on this client share it unless given their own.
+        self.telemetry = telemetry or Telemetry()
         reset_after_fork(self)
 
     @classmethod
@@ -462,8 +466,11 @@ class OAuth2Client:
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
+            transport = instrumented(
+                self._transport or httpx.AsyncHTTPTransport(), self.telemetry.tracer_provider
+            )
             self._http = httpx.AsyncClient(
-                transport=self._transport, timeout=self.timeout, follow_redirects=False
+                transport=transport, timeout=self.timeout, follow_redirects=False
             )
         return self._http
 
@@ -529,3 +536,17 @@ class OAuth2Client:
         raise_for_token_response(
             response.status_code, response.headers, response.content, now=self.clock.time()
         )
+
+
+def instrumented(
+    transport: httpx.AsyncBaseTransport, tracer_provider: Any = None
+) -> httpx.AsyncBaseTransport:
+    """``transport`` traced by opentelemetry-instrumentation-httpx when it is installed.
+
+    Its spans carry method, URL and status, never headers or bodies, so no token leaks there.
+    """
+    try:
+        from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
+    except ImportError:  # pragma: no cover - the instrumentation is an optional dependency
+        return transport
+    return AsyncOpenTelemetryTransport(transport, tracer_provider=tracer_provider)

@@ -19,11 +19,13 @@ import math
 import random
 import secrets
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 from cachetools import TLRUCache, TTLCache
+from opentelemetry import trace
 
 from ._clock import Clock
 from ._errors import (
@@ -35,6 +37,18 @@ from ._errors import (
 )
 from ._ioloop import io_loop, reset_after_fork
 from ._oauth import DEFAULT_RETRY_AFTER, OAuth2Client
+from ._telemetry import (
+    DEDUPE,
+    ERROR_TYPE,
+    GRANT,
+    OUTCOME,
+    PROVIDER,
+    ROTATED,
+    SPAN_ACQUIRE,
+    SPAN_REFRESH,
+    WAITERS,
+    Telemetry,
+)
 from ._tokens import TokenSet
 
 __all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "TokenParams"]
@@ -83,14 +97,17 @@ class _Flight:
     """One exchange with the token endpoint and everyone waiting for it."""
 
     __slots__ = (
+        "called_provider",
         "done",
         "error",
         "grant",
+        "joined",
         "key",
         "on_refreshed",
         "params",
         "read_current",
         "result",
+        "span",
         "token_set",
         "waiters",
     )
@@ -114,6 +131,9 @@ class _Flight:
         self.done = False
         self.result: TokenSet | None = None
         self.error: BaseException | None = None
+        self.joined = 0  # callers that joined after the leader
+        self.called_provider = False
+        self.span: trace.Span | None = None  # the flight span; joiners link to it
 
 
 def _release(
@@ -155,6 +175,7 @@ class Refresher:
         max_concurrency: int = 10,
         max_entries: int = 50_000,
         clock: Clock | None = None,
+        telemetry: Telemetry | None = None,
     ) -> None:
         for name, value in (("skew", skew), ("jitter", jitter), ("grace_ttl", grace_ttl)):
             if not (math.isfinite(value) and value >= 0):
@@ -194,6 +215,14 @@ class Refresher:
         # Client-credentials tokens by parameters; read without the lock (dict.get is atomic).
         self._machine_tokens: dict[bytes, TokenSet] = {}
         self._slots: asyncio.Semaphore | None = None  # lives on the I/O loop, made there
+        # When each grant was last refreshed, by the key of the refresh token it got then
+        # (read and written only on the I/O loop). Feeds the refresh.interval histogram.
+        self._refreshed_at: TTLCache[bytes, float] = TTLCache(max_entries, 24 * 3600)
+        self.telemetry = telemetry or client.telemetry
+        self._attributes = {PROVIDER: client.name}
+        #: Fresh-path hits: a plain int (no SDK call per request), read by an observable counter.
+        self.fresh_hits = 0
+        self.telemetry.observe_fresh(self._attributes, lambda: self.fresh_hits)
         reset_after_fork(self)
 
     @classmethod
@@ -244,6 +273,7 @@ class Refresher:
         plain or async functions; they must not use objects bound to another event loop.
         """
         if not self.refresh_due(token_set):
+            self.fresh_hits += 1
             return token_set
         return await self._acquire(token_set, None, params, current, on_refreshed)
 
@@ -274,8 +304,14 @@ class Refresher:
         """Blocking :meth:`refresh`, for sync code in a worker thread."""
         return io_loop.run_sync(self.refresh(token_set, **options))
 
-    async def client_credentials(self, params: TokenParams = _NO_PARAMS) -> TokenSet:
-        """A client-credentials (machine) token, cached per parameters, one flight at a time."""
+    async def client_credentials(
+        self, params: TokenParams = _NO_PARAMS, *, failed_access_token: str | None = None
+    ) -> TokenSet:
+        """A client-credentials (machine) token, cached per parameters, one flight at a time.
+
+        ``failed_access_token``: an API rejected it, so a cached token equal to it is not
+        returned again.
+        """
         key = _hash_key(
             "client_credentials",
             self.client.provider_url,
@@ -285,21 +321,34 @@ class Refresher:
             params.audience,
         )
         cached = self._machine_tokens.get(key)
-        if cached is not None and not self.refresh_due(cached):
+        if (
+            cached is not None
+            and cached.access_token != failed_access_token
+            and not self.refresh_due(cached)
+        ):
+            self.fresh_hits += 1
             return cached
-        waiter: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[TokenSet] = loop.create_future()
         with self._lock:
             failure = self._failures.get(key)
             if failure is not None:
+                path, joined = "negative_cache", None
+            else:
+                flight = self._flights.get(key)
+                if flight is None:
+                    flight = self._flights[key] = _Flight(key, "client_credentials", None, params)
+                    path = "leader"
+                else:
+                    path = "joined"
+                    flight.joined += 1
+                flight.waiters.append(waiter)
+                joined = flight
+        if joined is None:
+            assert failure is not None
+            with self._served(path):
                 raise copy.copy(failure[0])
-            flight = self._flights.get(key)
-            leading = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight(key, "client_credentials", None, params)
-            flight.waiters.append(waiter)
-        if leading:
-            io_loop.submit(self._fly(flight))
-        return await waiter
+        return await self._wait(path, joined, waiter)
 
     def forget(self, token_set: TokenSet, *, params: TokenParams = _NO_PARAMS) -> None:
         """After logout: stragglers holding this session's older refresh tokens must not be
@@ -354,26 +403,35 @@ class Refresher:
         loop = asyncio.get_running_loop()
         for _ in range(2):
             waiter: asyncio.Future[TokenSet] = loop.create_future()
+            flight: _Flight | None = None
             with self._lock:
                 key, newest = self._newest(token_set, params)
                 failure = self._failures.get(key)
                 if failure is not None:
-                    raise copy.copy(failure[0])
-                if failed_access_token is not None:
-                    if newest.access_token != failed_access_token:
-                        return newest
-                elif newest is not token_set and not self.refresh_due(newest):
+                    path = "negative_cache"
+                elif (
+                    newest.access_token != failed_access_token
+                    if failed_access_token is not None
+                    else newest is not token_set and not self.refresh_due(newest)
+                ):
+                    path = "grace_cache"
+                else:
+                    flight = self._flights.get(key)
+                    if flight is None:
+                        flight = self._flights[key] = _Flight(key, "refresh_token", newest, params)
+                        path = "leader"
+                    else:
+                        path = "joined"
+                        flight.joined += 1
+                    flight.waiters.append(waiter)
+                    flight.read_current = flight.read_current or current
+                    flight.on_refreshed = flight.on_refreshed or on_refreshed
+            if flight is None:
+                with self._served(path):
+                    if failure is not None:
+                        raise copy.copy(failure[0])
                     return newest
-                flight = self._flights.get(key)
-                leading = flight is None
-                if flight is None:
-                    flight = self._flights[key] = _Flight(key, "refresh_token", newest, params)
-                flight.waiters.append(waiter)
-                flight.read_current = flight.read_current or current
-                flight.on_refreshed = flight.on_refreshed or on_refreshed
-            if leading:
-                io_loop.submit(self._fly(flight))
-            result = await waiter
+            result = await self._wait(path, flight, waiter)
             # Only a token set read back from the store can already be due; go round once more
             # so that it is refreshed in the flight of *its* refresh token.
             if failed_access_token is not None or not self.refresh_due(result):
@@ -381,18 +439,45 @@ class Refresher:
             token_set = result
         return result
 
+    def _served(self, path: str) -> contextlib.AbstractContextManager[trace.Span]:
+        """Count a caller that needed a new token and open its span, by how it is served."""
+        attributes = {DEDUPE: path, **self._attributes}
+        self.telemetry.token_requests.add(1, attributes)
+        return self.telemetry.tracer.start_as_current_span(SPAN_ACQUIRE, attributes=attributes)
+
+    async def _wait(self, path: str, flight: _Flight, waiter: asyncio.Future[TokenSet]) -> TokenSet:
+        """Wait for ``flight`` (starting it if this caller leads) inside the caller's span."""
+        telemetry = self.telemetry
+        with self._served(path) as span:
+            if path == "leader":
+                # The flight span is a child of the leader's span; it ends when the flight does.
+                flight.span = telemetry.tracer.start_span(
+                    SPAN_REFRESH, attributes={GRANT: flight.grant, **self._attributes}
+                )
+                io_loop.submit(self._fly(flight))
+            try:
+                return await waiter
+            finally:
+                if path == "joined" and flight.span is not None:
+                    span.add_link(flight.span.get_span_context())
+
     # -- flying (on the I/O loop) ---------------------------------------------------------------
 
     async def _fly(self, flight: _Flight) -> None:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.max_concurrency)
+        telemetry, attributes = self.telemetry, self._attributes
+        span = flight.span or trace.INVALID_SPAN
         result: TokenSet | None = None
         error: BaseException | None = None
         issued = False
+        started = time.perf_counter()
+        telemetry.active.add(1, attributes)
         try:
-            async with self._slots:
-                async with asyncio.timeout(self.timeout):
-                    result, issued = await self._exchange(flight)
+            with trace.use_span(span, end_on_exit=False):
+                async with self._slots:
+                    async with asyncio.timeout(self.timeout):
+                        result, issued = await self._exchange(flight)
         except TimeoutError:
             error = RefreshUnavailable(
                 "timeout", retry_after=DEFAULT_RETRY_AFTER, detail=f"no answer in {self.timeout:g}s"
@@ -401,13 +486,46 @@ class Refresher:
             error = RefreshUnavailable(
                 "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail="flight cancelled"
             )
-            self._settle(flight, None, error, cache=False)
+            self._settle(flight, None, error, cache=False, seconds=time.perf_counter() - started)
             raise
         except Exception as exc:
             error = exc
-        self._settle(flight, result, error, cache=True)
+        finally:
+            telemetry.active.add(-1, attributes)
+        self._settle(flight, result, error, cache=True, seconds=time.perf_counter() - started)
         if issued and result is not None:
             await self._persist(flight, result)
+
+    def _record(
+        self, flight: _Flight, result: TokenSet | None, error: BaseException | None, seconds: float
+    ) -> None:
+        telemetry, attributes = self.telemetry, self._attributes
+        outcome = _outcome(error)
+        waiters = flight.joined + 1
+        telemetry.waiters.record(waiters, attributes)
+        if flight.called_provider:
+            telemetry.refreshes.add(1, {OUTCOME: outcome, GRANT: flight.grant, **attributes})
+            telemetry.duration.record(seconds, {OUTCOME: outcome, **attributes})
+        rotated = (
+            result is not None
+            and flight.token_set is not None
+            and result.refresh_token != flight.token_set.refresh_token
+        )
+        if flight.called_provider and result is not None and flight.grant == "refresh_token":
+            now = self.clock.monotonic()
+            previous = self._refreshed_at.pop(flight.key, None)
+            if previous is not None:
+                telemetry.interval.record(now - previous, attributes)
+            if result.refresh_token is not None:
+                self._refreshed_at[self._key(result.refresh_token, flight.params)] = now
+        span = flight.span
+        if span is None:
+            return
+        span.set_attributes({OUTCOME: outcome, ROTATED: rotated, WAITERS: waiters})
+        if error is not None:
+            span.set_attribute(ERROR_TYPE, outcome)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+        span.end()
 
     async def _exchange(self, flight: _Flight) -> tuple[TokenSet, bool]:
         """The provider call, with the re-checks of invariants 3 and 5. Returns the token set
@@ -415,6 +533,7 @@ class Refresher:
         client = self.client
         params = flight.params
         if flight.grant == "client_credentials":
+            flight.called_provider = True
             issued = await client.client_credentials(
                 scope=params.scope, resource=params.resource, audience=params.audience
             )
@@ -433,6 +552,7 @@ class Refresher:
         stored = await self._read_current(flight)
         if stored is not None:
             return stored, False
+        flight.called_provider = True
         try:
             issued = await client.refresh(
                 token_set.refresh_token,
@@ -472,8 +592,16 @@ class Refresher:
         return None
 
     def _settle(
-        self, flight: _Flight, result: TokenSet | None, error: BaseException | None, *, cache: bool
+        self,
+        flight: _Flight,
+        result: TokenSet | None,
+        error: BaseException | None,
+        *,
+        cache: bool,
+        seconds: float,
     ) -> None:
+        """Cache the outcome, record it, then release every waiter (in that order, so whoever
+        wakes up finds the caches, metrics and the flight span complete)."""
         fingerprint = flight.key.hex()[:12]
         with self._lock:
             if flight.done:
@@ -494,6 +622,7 @@ class Refresher:
             del self._flights[flight.key]
             flight.done, flight.result, flight.error = True, result, error
             waiters, flight.waiters = flight.waiters, []
+        self._record(flight, result, error, seconds)
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[TokenSet]]] = {}
         for waiter in waiters:
             by_loop.setdefault(waiter.get_loop(), []).append(waiter)
@@ -522,3 +651,14 @@ class Refresher:
         self._lock = threading.Lock()
         self._flights.clear()
         self._slots = None
+
+
+def _outcome(error: BaseException | None) -> str:
+    """The bounded ``outcome`` attribute of a flight."""
+    if error is None:
+        return "success"
+    if isinstance(error, ReauthenticationRequired):
+        return "invalid_grant" if error.reason == "invalid_grant" else "invalid_client"
+    if isinstance(error, RefreshUnavailable) and error.reason in ("timeout", "network_error"):
+        return error.reason
+    return "provider_error"

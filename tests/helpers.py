@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asgi_token_refresh import TokenSet
+from asgi_token_refresh import Refresher, TokenSet
 from asgi_token_refresh.testing import FakeClock, FakeIdP
 
 ISSUER = "https://idp.test"
@@ -13,3 +13,9 @@ def login(idp: FakeIdP, clock: FakeClock, subject: str = "alice") -> TokenSet:
     return TokenSet.from_token_response(
         idp.issue(subject), issued_at=clock.time(), default_lifetime=3600.0
     )
+
+
+def waiting(refresher: Refresher) -> int:
+    """Callers currently parked on a flight (to line up concurrency; never asserted on)."""
+    with refresher._lock:
+        return sum(len(flight.waiters) for flight in refresher._flights.values())

@@ -5,9 +5,11 @@ import asgi_token_refresh.testing
 
 PUBLIC = [
     "AuthorizationRequest",
+    "BlockingTokens",
     "Clock",
     "ConfigurationError",
     "CookieSessionStore",
+    "MachineTokens",
     "MemorySessionStore",
     "OAuth2Client",
     "ProviderMetadata",
@@ -16,14 +18,18 @@ PUBLIC = [
     "Refresher",
     "Session",
     "SessionStore",
+    "SessionTokens",
     "SyncTokenAccessor",
     "SystemClock",
+    "Telemetry",
     "TokenAccessor",
+    "TokenAuth",
     "TokenEndpointError",
     "TokenParams",
     "TokenRefreshError",
     "TokenRefreshMiddleware",
     "TokenSet",
+    "TokenSource",
     "__version__",
 ]
 
@@ -41,7 +47,15 @@ def test_every_exported_name_exists_and_claims_the_public_module() -> None:
 
 
 def test_testing_helpers_are_public() -> None:
-    assert asgi_token_refresh.testing.__all__ == ["FakeClock", "FakeIdP", "Fault", "Gate", "serve"]
+    assert asgi_token_refresh.testing.__all__ == [
+        "CapturedTelemetry",
+        "FakeClock",
+        "FakeIdP",
+        "Fault",
+        "Gate",
+        "capture_telemetry",
+        "serve",
+    ]
 
 
 def test_version_is_a_release_string() -> None:

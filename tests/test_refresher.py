@@ -24,17 +24,11 @@ from asgi_token_refresh import (
 from asgi_token_refresh._ioloop import io_loop
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault
 
-from .helpers import ISSUER, login
+from .helpers import ISSUER, login, waiting
 
 pytestmark = pytest.mark.anyio
 
 EXPIRED = 300.0  # FakeIdP's default access-token lifetime: advancing this far makes tokens due
-
-
-def waiting(refresher: Refresher) -> int:
-    """Callers currently parked on a flight (to line up concurrency; never asserted on)."""
-    with refresher._lock:
-        return sum(len(flight.waiters) for flight in refresher._flights.values())
 
 
 def wait_for_waiters(refresher: Refresher, n: int, timeout: float = 10.0) -> None:

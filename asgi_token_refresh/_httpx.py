@@ -1,0 +1,285 @@
+"""TokenAuth: bearer injection for httpx, with one 401 → one compare-and-refresh → one retry.
+
+One I/O-free generator (:meth:`TokenAuth._flow`) decides what happens; the sync and async
+shells only fetch tokens and pass requests through, as httpx's own ``Auth`` classes do. A
+second 401 is terminal. Token-endpoint failures surface from the token source and are never
+retried here. Per-user tokens live only on per-request clients: the pooled transport they share
+carries no user state (the lesson of CVE-2024-51987).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import weakref
+from collections.abc import AsyncGenerator, Generator
+from typing import Any, Literal, Protocol
+
+import httpx
+
+from ._errors import ConfigurationError, ReauthenticationRequired
+from ._ioloop import io_loop
+from ._oauth import instrumented
+from ._refresher import Refresher, TokenParams
+from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry
+from ._tokens import TokenSet
+
+__all__ = [
+    "BlockingTokens",
+    "MachineTokens",
+    "SessionTokens",
+    "TokenAuth",
+    "TokenSource",
+    "shared_client",
+]
+
+
+class TokenSource(Protocol):
+    """Where :class:`TokenAuth` gets tokens: ``request.state.token``, :class:`SessionTokens`,
+    :class:`MachineTokens` or their ``.sync`` forms (whose methods are not coroutines)."""
+
+    def get(self) -> Any: ...
+
+    def refresh(self, failed_access_token: str | None = None) -> Any: ...
+
+
+class _Refresh:
+    """What the flow yields to ask its shell for a new token after ``failed`` was rejected."""
+
+    __slots__ = ("failed",)
+
+    def __init__(self, failed: str) -> None:
+        self.failed = failed
+
+
+_Step = Generator["httpx.Request | _Refresh", "httpx.Response | str", None]
+
+
+class TokenAuth(httpx.Auth):
+    """``Authorization: Bearer`` from a token source; a 401 refreshes once and retries once.
+
+    ``on_terminal``: what a second 401 does — ``"raise"`` :class:`ReauthenticationRequired`
+    (``reason="downstream_401"``; the middleware turns it into its terminal response) or
+    ``"response"`` (return the 401 as is). ``anonymous``: a source to fall back on when the
+    user has no session left (e.g. ``MachineTokens``), so requests continue anonymously.
+
+    The request body is read into memory before sending so it can be replayed; pass
+    ``replay_body=False`` for uploads too large for that: a 401 to a streamed body that cannot
+    be replayed is then returned, not retried.
+    """
+
+    def __init__(
+        self,
+        source: TokenSource,
+        *,
+        on_terminal: Literal["raise", "response"] = "raise",
+        anonymous: TokenSource | None = None,
+        replay_body: bool = True,
+        telemetry: Telemetry | None = None,
+    ) -> None:
+        if on_terminal not in ("raise", "response"):
+            raise ConfigurationError("on_terminal must be 'raise' or 'response'")
+        self.source = source
+        self.anonymous = anonymous
+        self.on_terminal = on_terminal
+        self.requires_request_body = replay_body
+        self.telemetry = telemetry or getattr(source, "telemetry", None) or Telemetry()
+        refresher = getattr(source, "refresher", None)
+        self._provider = {PROVIDER: refresher.client.name} if refresher is not None else {}
+
+    def __repr__(self) -> str:
+        return f"TokenAuth(source={type(self.source).__name__}, on_terminal={self.on_terminal!r})"
+
+    # -- the decision, shared by both shells ---------------------------------------------------
+
+    def _flow(self, request: httpx.Request, token: str) -> _Step:
+        request.headers["Authorization"] = f"Bearer {token}"
+        response = yield request
+        assert isinstance(response, httpx.Response)
+        if response.status_code != 401:
+            return
+        if not isinstance(request.stream, httpx.ByteStream):
+            return  # a streamed body was consumed: it cannot be sent again
+        new_token = yield _Refresh(token)
+        assert isinstance(new_token, str)
+        request.headers["Authorization"] = f"Bearer {new_token}"
+        response = yield request
+        assert isinstance(response, httpx.Response)
+        if response.status_code == 401:
+            self.telemetry.terminal_failures.add(
+                1, {ERROR_TYPE: "downstream_401", COMPONENT: "httpx", **self._provider}
+            )
+            if self.on_terminal == "raise":
+                raise ReauthenticationRequired("downstream_401", "the API refused a fresh token")
+
+    # -- shells ------------------------------------------------------------------------------
+
+    def sync_auth_flow(
+        self, request: httpx.Request
+    ) -> Generator[httpx.Request, httpx.Response, None]:
+        if inspect.iscoroutinefunction(self.source.get):
+            raise ConfigurationError("a sync httpx.Client needs a sync token source: use .sync")
+        flow = self._flow(request, self._sync_get())
+        step = next(flow)
+        try:
+            while True:
+                if isinstance(step, _Refresh):
+                    step = flow.send(self.source.refresh(step.failed))
+                else:
+                    step = flow.send((yield step))
+        except StopIteration:
+            return
+
+    async def async_auth_flow(
+        self, request: httpx.Request
+    ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        if not inspect.iscoroutinefunction(self.source.get):
+            raise ConfigurationError("an httpx.AsyncClient needs an async token source")
+        flow = self._flow(request, await self._async_get())
+        step = next(flow)
+        try:
+            while True:
+                if isinstance(step, _Refresh):
+                    step = flow.send(await self.source.refresh(step.failed))
+                else:
+                    step = flow.send((yield step))
+        except StopIteration:
+            return
+
+    def _sync_get(self) -> str:
+        try:
+            token: str = self.source.get()
+        except ReauthenticationRequired:
+            if self.anonymous is None:
+                raise
+            token = self.anonymous.get()
+        return token
+
+    async def _async_get(self) -> str:
+        try:
+            token: str = await self.source.get()
+        except ReauthenticationRequired:
+            if self.anonymous is None:
+                raise
+            token = await self.anonymous.get()
+        return token
+
+
+# -- standalone token sources (background jobs, machine tokens) ----------------------------------
+
+
+class SessionTokens:
+    """A user's tokens outside a request (a background job acting for the user).
+
+    Shares the process-wide refresher with the web app, so a job and a request of the same
+    session never both spend the refresh token. ``on_refreshed`` persists new tokens.
+    """
+
+    def __init__(self, refresher: Refresher, token_set: TokenSet, **hooks: Any) -> None:
+        self.refresher = refresher
+        self.token_set = token_set
+        self.telemetry = refresher.telemetry
+        self._hooks = hooks
+
+    def __repr__(self) -> str:
+        return f"SessionTokens({self.token_set!r})"
+
+    async def get(self) -> str:
+        self.token_set = await self.refresher.ensure_fresh(self.token_set, **self._hooks)
+        return self.token_set.access_token
+
+    async def refresh(self, failed_access_token: str | None = None) -> str:
+        self.token_set = await self.refresher.refresh(
+            self.token_set, failed_access_token=failed_access_token, **self._hooks
+        )
+        return self.token_set.access_token
+
+    @property
+    def sync(self) -> BlockingTokens:
+        """This source for a sync ``httpx.Client`` in a worker thread."""
+        return BlockingTokens(self)
+
+
+class MachineTokens:
+    """Client-credentials tokens for ``params``, cached and single-flight per process."""
+
+    def __init__(self, refresher: Refresher, params: TokenParams | None = None) -> None:
+        self.refresher = refresher
+        self.params = params or TokenParams()
+        self.telemetry = refresher.telemetry
+
+    def __repr__(self) -> str:
+        return f"MachineTokens(params={self.params!r})"
+
+    async def get(self) -> str:
+        return (await self.refresher.client_credentials(self.params)).access_token
+
+    async def refresh(self, failed_access_token: str | None = None) -> str:
+        token_set = await self.refresher.client_credentials(
+            self.params, failed_access_token=failed_access_token
+        )
+        return token_set.access_token
+
+    @property
+    def sync(self) -> BlockingTokens:
+        """This source for a sync ``httpx.Client`` in a worker thread."""
+        return BlockingTokens(self)
+
+
+class BlockingTokens:
+    """The blocking form of an async token source, for threads without an event loop."""
+
+    def __init__(self, source: SessionTokens | MachineTokens) -> None:
+        self.source = source
+        self.telemetry = source.telemetry
+
+    def get(self) -> str:
+        return io_loop.run_sync(self.source.get())
+
+    def refresh(self, failed_access_token: str | None = None) -> str:
+        return io_loop.run_sync(self.source.refresh(failed_access_token))
+
+
+# -- per-request clients over a shared pool -----------------------------------------------------
+
+
+class _Shared(httpx.AsyncBaseTransport):
+    """A pooled transport that per-request clients use but cannot close."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        pass  # owned by the process (or by whoever passed it in), not by one request
+
+
+# A connection pool belongs to one event loop, so there is one per loop (and tracer provider).
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _Shared]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def shared_client(source: TokenSource, telemetry: Telemetry, **options: Any) -> httpx.AsyncClient:
+    """A new ``httpx.AsyncClient`` authenticating with ``source`` over the loop's shared pool.
+
+    ``options`` go to ``httpx.AsyncClient``; ``transport=`` replaces the shared pool (and is
+    not closed with the client); ``auth=`` is not accepted.
+    """
+    if "auth" in options:
+        raise ConfigurationError("the client authenticates with the session's tokens; no auth=")
+    transport = options.pop("transport", None)
+    if transport is not None:
+        shared = _Shared(instrumented(transport, telemetry.tracer_provider))
+    else:
+        by_provider = _pools.setdefault(asyncio.get_running_loop(), {})
+        pooled = by_provider.get(id(telemetry.tracer_provider))
+        if pooled is None:
+            pool = instrumented(httpx.AsyncHTTPTransport(), telemetry.tracer_provider)
+            pooled = by_provider[id(telemetry.tracer_provider)] = _Shared(pool)
+        shared = pooled
+    return httpx.AsyncClient(
+        transport=shared, auth=TokenAuth(source, telemetry=telemetry), **options
+    )

@@ -1,0 +1,137 @@
+"""Spans and metrics: every instrument, attribute and span name is defined here, once.
+
+Only the OpenTelemetry *API* is used at run time; with no SDK configured every call is a no-op.
+Providers are injectable (``Telemetry(meter_provider=..., tracer_provider=...)``) so tests and
+apps need not touch the global ones. Attributes are bounded — outcome, dedupe path, error type,
+component, provider name — never a user, session or token. The fresh-token path records
+nothing here: it bumps a plain integer that an observable counter reads at collection time.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from opentelemetry import metrics, trace
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.trace import TracerProvider
+
+__all__ = ["Telemetry"]
+
+SCOPE = "asgi_token_refresh"
+
+# Metric names (OpenTelemetry). dashboards/README.md lists the Prometheus names they become.
+REFRESHES = "asgi_token_refresh.refreshes"
+TOKEN_REQUESTS = "asgi_token_refresh.token.requests"
+TERMINAL_FAILURES = "asgi_token_refresh.terminal_failures"
+REFRESH_DURATION = "asgi_token_refresh.refresh.duration"
+REFRESH_ACTIVE = "asgi_token_refresh.refresh.active"
+REFRESH_WAITERS = "asgi_token_refresh.refresh.waiters"
+REFRESH_INTERVAL = "asgi_token_refresh.refresh.interval"
+TOKEN_FRESH = "asgi_token_refresh.token.fresh"
+
+# Span names.
+SPAN_REFRESH = "asgi_token_refresh.refresh"
+SPAN_ACQUIRE = "asgi_token_refresh.acquire"
+
+# Attribute keys. ``error.type`` is the OpenTelemetry semantic-convention key.
+OUTCOME = (
+    "outcome"  # success | invalid_grant | invalid_client | provider_error | timeout | network_error
+)
+GRANT = "grant"  # refresh_token | client_credentials
+PROVIDER = "provider"  # OAuth2Client.name: a configured label, never a URL with secrets
+DEDUPE = "dedupe"  # leader | joined | grace_cache | negative_cache | distributed
+COMPONENT = "component"  # asgi | httpx
+ERROR_TYPE = "error.type"
+ROTATED = "rotated"
+WAITERS = "waiters"
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+INTERVAL_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
+WAITER_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 1000)
+
+
+def terminal_type(reason: str) -> str:
+    """The bounded ``error.type`` of a terminal failure."""
+    if reason in ("invalid_grant", "no_session", "downstream_401"):
+        return reason
+    return "invalid_client"  # invalid_client, unauthorized_client: the client is refused
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("asgi-token-refresh")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a checkout
+        return "0"
+
+
+class Telemetry:
+    """The instruments of one Refresher (and of the middleware and SDK wrapper using it)."""
+
+    def __init__(
+        self,
+        *,
+        meter_provider: MeterProvider | None = None,
+        tracer_provider: TracerProvider | None = None,
+    ) -> None:
+        version = _version()
+        meter = metrics.get_meter(SCOPE, version, meter_provider=meter_provider)
+        self.tracer = trace.get_tracer(SCOPE, version, tracer_provider=tracer_provider)
+        self.tracer_provider = tracer_provider
+        self.meter_provider = meter_provider
+        self.refreshes = meter.create_counter(
+            REFRESHES, "{refresh}", "Calls to the token endpoint, one per flight"
+        )
+        self.token_requests = meter.create_counter(
+            TOKEN_REQUESTS,
+            "{request}",
+            "Callers that needed a new token, by how they were served (all but leader are "
+            "dedupe hits)",
+        )
+        self.terminal_failures = meter.create_counter(
+            TERMINAL_FAILURES, "{failure}", "Terminal failures surfaced to a caller"
+        )
+        self.duration = meter.create_histogram(
+            REFRESH_DURATION,
+            "s",
+            "Duration of a refresh flight",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.active = meter.create_up_down_counter(
+            REFRESH_ACTIVE, "{refresh}", "Refresh flights in progress"
+        )
+        self.waiters = meter.create_histogram(
+            REFRESH_WAITERS,
+            "{request}",
+            "Callers that joined each flight",
+            explicit_bucket_boundaries_advisory=WAITER_BUCKETS,
+        )
+        self.interval = meter.create_histogram(
+            REFRESH_INTERVAL,
+            "s",
+            "Time since the previous refresh of the same session (storms show as short ones)",
+            explicit_bucket_boundaries_advisory=INTERVAL_BUCKETS,
+        )
+        self._fresh_sources: list[tuple[dict[str, str], Callable[[], int]]] = []
+        meter.create_observable_counter(
+            TOKEN_FRESH,
+            [self._observe_fresh],
+            "{request}",
+            "Token requests answered on the fresh path, without refresh",
+        )
+
+    def observe_fresh(self, attributes: dict[str, str], read: Callable[[], int]) -> None:
+        """Report ``read()`` (a plain running count) as the fresh-path counter."""
+        self._fresh_sources.append((attributes, read))
+
+    def _observe_fresh(self, options: CallbackOptions) -> Iterable[Observation]:
+        from opentelemetry.metrics import Observation
+
+        return [Observation(read(), attributes) for attributes, read in self._fresh_sources]
+
+    def link_to(self, span: Any) -> Sequence[trace.Link]:
+        context = span.get_span_context() if span is not None else None
+        return [trace.Link(context)] if context is not None and context.is_valid else []

@@ -1,0 +1,309 @@
+"""Spans and metric points for every refresh, dedupe hit and terminal failure."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from asgi_token_refresh import (
+    MemorySessionStore,
+    OAuth2Client,
+    Refresher,
+    TokenRefreshMiddleware,
+)
+from asgi_token_refresh._telemetry import (
+    REFRESH_ACTIVE,
+    REFRESH_DURATION,
+    REFRESH_INTERVAL,
+    REFRESH_WAITERS,
+    REFRESHES,
+    SPAN_ACQUIRE,
+    SPAN_REFRESH,
+    TERMINAL_FAILURES,
+    TOKEN_FRESH,
+    TOKEN_REQUESTS,
+)
+from asgi_token_refresh.testing import (
+    CapturedTelemetry,
+    FakeClock,
+    FakeIdP,
+    Fault,
+    capture_telemetry,
+)
+
+from .helpers import ISSUER, login, waiting
+
+pytestmark = pytest.mark.anyio
+EXPIRED = 300.0
+
+
+@pytest.fixture
+def captured() -> Iterator[CapturedTelemetry]:
+    capture = capture_telemetry()
+    yield capture
+    capture.shutdown()
+
+
+@pytest.fixture
+def traced_client(
+    idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> Iterator[OAuth2Client]:
+    client = OAuth2Client(
+        client_id="app",
+        client_secret="app-secret",
+        token_endpoint=f"{ISSUER}/token",
+        userinfo_endpoint=f"{ISSUER}/userinfo",
+        transport=idp.transport(),
+        clock=clock,
+        name="fake",
+        telemetry=captured.telemetry,
+    )
+    yield client
+    from asgi_token_refresh._ioloop import io_loop
+
+    io_loop.run_sync(client.aclose())
+
+
+@pytest.fixture
+def refresher(traced_client: OAuth2Client) -> Refresher:
+    return Refresher(traced_client, jitter=0)
+
+
+async def test_a_100_caller_storm_is_one_refresh_one_leader_and_99_linked_joiners(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    session = login(idp, clock)
+    clock.advance(EXPIRED)
+    await asyncio.gather(*(refresher.ensure_fresh(session) for _ in range(100)))
+
+    assert captured.value(REFRESHES, outcome="success", grant="refresh_token", provider="fake") == 1
+    assert captured.value(TOKEN_REQUESTS, dedupe="leader") == 1
+    assert captured.value(TOKEN_REQUESTS, dedupe="joined") == 99
+    [flight] = captured.spans(SPAN_REFRESH)
+    assert flight.attributes["outcome"] == "success"
+    assert flight.attributes["rotated"] is True
+    assert flight.attributes["waiters"] == 100
+    callers = captured.spans(SPAN_ACQUIRE)
+    assert len(callers) == 100
+    leader = [s for s in callers if s.attributes["dedupe"] == "leader"]
+    joiners = [s for s in callers if s.attributes["dedupe"] == "joined"]
+    assert len(leader) == 1
+    assert flight.parent.span_id == leader[0].context.span_id
+    assert len(joiners) == 99
+    assert all(
+        [link.context.span_id for link in s.links] == [flight.context.span_id] for s in joiners
+    )
+    # the token-endpoint POST is an httpx client span inside the flight
+    posts = [
+        s
+        for s in captured.spans()
+        if s.parent is not None and s.parent.span_id == flight.context.span_id
+    ]
+    assert [
+        s.attributes.get("http.request.method", s.attributes.get("http.method")) for s in posts
+    ] == ["POST"]
+
+    [(labels, waiters)] = captured.points(REFRESH_WAITERS)
+    assert (waiters.count, waiters.sum) == (1, 100)
+    [(labels, duration)] = captured.points(REFRESH_DURATION)
+    assert labels == {"outcome": "success", "provider": "fake"}
+    assert duration.count == 1
+    assert [p.value for _, p in captured.points(REFRESH_ACTIVE)] == [0]
+
+
+async def test_stragglers_count_as_grace_cache_hits(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    session = login(idp, clock)
+    clock.advance(EXPIRED)
+    await refresher.ensure_fresh(session)
+    await asyncio.gather(*(refresher.ensure_fresh(session) for _ in range(7)))
+    assert captured.value(TOKEN_REQUESTS, dedupe="grace_cache") == 7
+    assert captured.value(REFRESHES) == 1
+
+
+async def test_a_re_refresh_inside_seconds_shows_as_a_short_interval(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    session = login(idp, clock)
+    clock.advance(EXPIRED)
+    first = await refresher.ensure_fresh(session)
+    clock.advance(3)
+    await refresher.refresh(first)  # say, an API rejected the fresh token at once
+    [(_, interval)] = captured.points(REFRESH_INTERVAL)
+    assert interval.count == 1
+    assert interval.sum == pytest.approx(3.0)
+
+
+async def test_the_fresh_path_records_no_span_and_only_the_plain_counter(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    session = login(idp, clock)
+    for _ in range(25):
+        assert await refresher.ensure_fresh(session) is session
+    assert captured.spans() == []
+    assert captured.points(TOKEN_REQUESTS) == []
+    assert captured.value(TOKEN_FRESH, provider="fake") == 25
+
+
+async def test_invalid_grant_is_one_refresh_and_a_terminal_failure_per_caller_surfaced(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    app = _app(refresher, idp)
+    async with _browser(app) as browser:
+        await browser.get("/login")
+        clock.advance(EXPIRED)
+        idp.script(Fault.invalid_grant())
+        gate = idp.pause_token_endpoint()
+        requests = [asyncio.create_task(browser.get("/token")) for _ in range(5)]
+        await gate.arrived(1)
+        await _until(lambda: waiting(refresher) == 5)  # all five joined the one flight
+        gate.release()
+        responses = await asyncio.gather(*requests)
+    assert [r.status_code for r in responses] == [401] * 5
+    assert captured.value(REFRESHES, outcome="invalid_grant") == 1
+    assert captured.value(TERMINAL_FAILURES, error_type="invalid_grant", component="asgi") == 5
+    [flight] = captured.spans(SPAN_REFRESH)
+    assert flight.attributes["error.type"] == "invalid_grant"
+    assert flight.status.status_code.name == "ERROR"
+
+
+async def test_downstream_401_then_success_is_one_refresh_and_one_retry_with_the_new_token(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    first_round = asyncio.Barrier(50)
+    seen: list[str] = []
+
+    async def api(scope: Any, receive: Any, send: Any) -> None:
+        """The provider's userinfo as the API; the first 50 calls are held until all arrived."""
+        authorization = dict(scope["headers"]).get(b"authorization", b"").decode()
+        seen.append(authorization)
+        if len(seen) <= 50:
+            await first_round.wait()
+        await idp(scope, receive, send)
+
+    app = _app(refresher, idp, api=api)
+    async with _browser(app) as browser:
+        await browser.get("/login")
+        stale = (await browser.get("/token")).json()["token"]
+        await _revoke_access_token(idp, stale)  # the API now rejects it although not expired
+        responses = await asyncio.gather(*(browser.get("/me") for _ in range(50)))
+    assert {r.status_code for r in responses} == {200}
+    assert {r.json()["sub"] for r in responses} == {"alice"}
+    assert idp.token_calls("refresh_token") == 1  # 50 concurrent downstream 401s, one refresh
+    assert captured.value(REFRESHES) == 1
+    assert seen[:50] == [f"Bearer {stale}"] * 50
+    assert len(seen) == 100  # each request: one 401, then one retry with the new token
+    assert len(set(seen[50:])) == 1
+    assert stale not in seen[50]
+    assert captured.value(TERMINAL_FAILURES) == 0
+
+
+async def test_401_after_the_retry_is_a_terminal_downstream_failure(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    app = _app(refresher, idp, api=_always_401)
+    async with _browser(app) as browser:
+        await browser.get("/login")
+        response = await browser.get("/me")
+    assert response.status_code == 401
+    assert response.json()["reason"] == "downstream_401"
+    assert captured.value(TERMINAL_FAILURES, error_type="downstream_401", component="httpx") == 1
+    assert idp.token_calls("refresh_token") == 1
+
+
+async def test_no_token_or_secret_in_any_span_attribute_event_or_metric_label(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    app = _app(refresher, idp)
+    secrets: set[str] = {"app-secret"}
+    async with _browser(app) as browser:
+        await browser.get("/login")
+        for round_ in range(3):
+            clock.advance(EXPIRED)
+            responses = await asyncio.gather(*(browser.get("/token") for _ in range(10)))
+            secrets |= {r.json()["token"] for r in responses}
+            if round_ == 1:
+                await _revoke_access_token(idp, responses[0].json()["token"])
+                await browser.get("/me")
+        idp.script(Fault.invalid_grant())
+        clock.advance(EXPIRED)
+        await browser.get("/token")
+    secrets |= set(idp._refresh)  # every refresh and access token the provider ever issued
+    secrets |= set(idp._access)
+    rendered: list[str] = []
+    for span in captured.spans():
+        rendered += [span.name, repr(dict(span.attributes or {}))]
+        rendered += [repr(dict(e.attributes or {})) + e.name for e in span.events]
+        rendered += [repr(dict(link.attributes or {})) for link in span.links]
+    for metric in (REFRESHES, TOKEN_REQUESTS, TERMINAL_FAILURES, REFRESH_DURATION, REFRESH_WAITERS):
+        rendered += [repr(labels) for labels, _ in captured.points(metric)]
+    text = "\n".join(rendered)
+    assert len(captured.spans()) > 10
+    assert len(secrets) > 10
+    assert not [s for s in secrets if s and s in text]
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _browser(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="https://app.test")
+
+
+async def _until(condition: Any) -> None:
+    for _ in range(5000):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise TimeoutError("condition never held")
+
+
+async def _revoke_access_token(idp: FakeIdP, token: str) -> None:
+    async with httpx.AsyncClient(transport=idp.transport(), base_url=ISSUER) as http:
+        response = await http.post(
+            "/revoke",
+            data={"token": token, "token_type_hint": "access_token"},
+            auth=("app", "app-secret"),
+        )
+    response.raise_for_status()
+
+
+async def _always_401(scope: Any, receive: Any, send: Any) -> None:
+    await send({"type": "http.response.start", "status": 401, "headers": []})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def _app(refresher: Refresher, idp: FakeIdP, api: Any = None) -> Starlette:
+    """/login (as alice), /token, and /me: the provider's userinfo (or ``api``) as the API."""
+    api_transport = httpx.ASGITransport(app=api or idp)
+
+    async def login_route(request: Request) -> JSONResponse:
+        await request.state.token.login(idp.issue("alice"))
+        return JSONResponse({})
+
+    async def token(request: Request) -> JSONResponse:
+        return JSONResponse({"token": await request.state.token.get()})
+
+    async def me(request: Request) -> JSONResponse:
+        async with request.state.token.client(
+            base_url=ISSUER, transport=api_transport
+        ) as api_client:
+            response = await api_client.get("/userinfo")
+        return JSONResponse(response.json(), status_code=response.status_code)
+
+    return Starlette(
+        routes=[Route("/login", login_route), Route("/token", token), Route("/me", me)],
+        middleware=[
+            Middleware(TokenRefreshMiddleware, refresher=refresher, store=MemorySessionStore())
+        ],
+    )
