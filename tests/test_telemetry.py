@@ -83,7 +83,12 @@ async def test_a_100_caller_storm_is_one_refresh_one_leader_and_99_linked_joiner
 ) -> None:
     session = login(idp, clock)
     clock.advance(EXPIRED)
-    await asyncio.gather(*(refresher.ensure_fresh(session) for _ in range(100)))
+    gate = idp.pause_token_endpoint()
+    callers = [asyncio.create_task(refresher.ensure_fresh(session)) for _ in range(100)]
+    await gate.arrived(1)
+    await _until(lambda: waiting(refresher) == 100)  # nobody comes late to the grace cache
+    gate.release()
+    await asyncio.gather(*callers)
 
     assert captured.value(REFRESHES, outcome="success", grant="refresh_token", provider="fake") == 1
     assert captured.value(TOKEN_REQUESTS, dedupe="leader") == 1
