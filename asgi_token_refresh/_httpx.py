@@ -21,7 +21,7 @@ from ._errors import ConfigurationError, ReauthenticationRequired
 from ._ioloop import io_loop
 from ._oauth import instrumented
 from ._refresher import Refresher, TokenParams
-from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry
+from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, default_telemetry
 from ._tokens import TokenSet
 
 __all__ = [
@@ -83,7 +83,7 @@ class TokenAuth(httpx.Auth):
         self.anonymous = anonymous
         self.on_terminal = on_terminal
         self.requires_request_body = replay_body
-        self.telemetry = telemetry or getattr(source, "telemetry", None) or Telemetry()
+        self.telemetry = telemetry or getattr(source, "telemetry", None) or default_telemetry()
         refresher = getattr(source, "refresher", None)
         self._provider = {PROVIDER: refresher.client.name} if refresher is not None else {}
 

@@ -25,7 +25,7 @@ import httpx
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
 from ._ioloop import io_loop, reset_after_fork
-from ._telemetry import Telemetry
+from ._telemetry import Telemetry, default_telemetry
 from ._tokens import TokenSet
 
 __all__ = [
@@ -312,7 +312,7 @@ class OAuth2Client:
         self.provider_url: str = issuer or token_endpoint or ""
         self.name: str = name or urlsplit(self.provider_url).hostname or "oauth2"
         #: Spans and metrics; Refreshers built on this client share it unless given their own.
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or default_telemetry()
         reset_after_fork(self)
 
     @classmethod

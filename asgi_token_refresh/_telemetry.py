@@ -9,9 +9,11 @@ nothing here: it bumps a plain integer that an observable counter reads at colle
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+import weakref
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import metrics, trace
 
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
     from opentelemetry.trace import TracerProvider
 
-__all__ = ["Telemetry"]
+__all__ = ["Telemetry", "default_telemetry"]
 
 SCOPE = "asgi_token_refresh"
 
@@ -68,8 +70,17 @@ def _version() -> str:
         return "0"
 
 
+class _FreshCounting(Protocol):
+    fresh_hits: int
+    _attributes: dict[str, str]
+
+
 class Telemetry:
-    """The instruments of one Refresher (and of the middleware and SDK wrapper using it)."""
+    """Tracer and instruments for the refreshers, middleware and SDK wrappers that use it.
+
+    Pass providers to get your own; without them, use :func:`default_telemetry` (the global
+    providers, instruments registered once per process).
+    """
 
     def __init__(
         self,
@@ -115,7 +126,8 @@ class Telemetry:
             "Time since the previous refresh of the same session (storms show as short ones)",
             explicit_bucket_boundaries_advisory=INTERVAL_BUCKETS,
         )
-        self._fresh_sources: list[tuple[dict[str, str], Callable[[], int]]] = []
+        # Weak: a global meter must not keep every Refresher (and its caches) alive.
+        self._fresh_sources: weakref.WeakSet[_FreshCounting] = weakref.WeakSet()
         meter.create_observable_counter(
             TOKEN_FRESH,
             [self._observe_fresh],
@@ -123,15 +135,25 @@ class Telemetry:
             "Token requests answered on the fresh path, without refresh",
         )
 
-    def observe_fresh(self, attributes: dict[str, str], read: Callable[[], int]) -> None:
-        """Report ``read()`` (a plain running count) as the fresh-path counter."""
-        self._fresh_sources.append((attributes, read))
+    def observe_fresh(self, source: _FreshCounting) -> None:
+        """Report ``source.fresh_hits`` (a plain running count) as the fresh-path counter."""
+        self._fresh_sources.add(source)
 
     def _observe_fresh(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
-        return [Observation(read(), attributes) for attributes, read in self._fresh_sources]
+        totals: dict[tuple[tuple[str, str], ...], int] = {}
+        for source in list(self._fresh_sources):
+            labels = tuple(sorted(source._attributes.items()))
+            totals[labels] = totals.get(labels, 0) + source.fresh_hits
+        return [Observation(count, dict(labels)) for labels, count in totals.items()]
 
     def link_to(self, span: Any) -> Sequence[trace.Link]:
         context = span.get_span_context() if span is not None else None
         return [trace.Link(context)] if context is not None and context.is_valid else []
+
+
+@functools.cache
+def default_telemetry() -> Telemetry:
+    """The process-wide Telemetry on the global providers (an SDK may be set up later)."""
+    return Telemetry()
