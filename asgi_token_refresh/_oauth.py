@@ -326,6 +326,17 @@ class OAuth2Client:
             f"auth_method={self.auth_method!r})"
         )
 
+    def interchangeable(self, other: OAuth2Client) -> bool:
+        """Whether ``other`` talks to the same provider as the same client in the same way."""
+        return (
+            (self.provider_url, self.client_id, self.auth_method, self._client_secret)
+            == (other.provider_url, other.client_id, other.auth_method, other._client_secret)
+            and self._transport is other._transport
+            and ((self._owns_http and other._owns_http) or self._http is other._http)
+            and self.clock is other.clock
+            and self.telemetry is other.telemetry
+        )
+
     # -- endpoints -------------------------------------------------------------------------
 
     async def metadata(self) -> ProviderMetadata:

@@ -251,6 +251,14 @@ class Refresher:
                     f"a refresher for {client!r} already exists with other options; "
                     "pass the same options or the same Refresher to every user"
                 )
+            elif client is not existing.client and not client.interchangeable(existing.client):
+                # Sharing is the point (one flight per grant), but silently swapping in another
+                # client's transport or clock would be a surprise.
+                raise ConfigurationError(
+                    f"a refresher for {client!r} already uses another OAuth2Client with a "
+                    "different transport, clock or telemetry; reuse that client, or pass "
+                    "refresher=Refresher(client) to keep them apart"
+                )
             return existing
 
     def __repr__(self) -> str:

@@ -555,6 +555,14 @@ def test_one_shared_refresher_per_provider_and_client(idp: FakeIdP) -> None:
     assert Refresher.shared(make(), grace_ttl=30) is first
     with pytest.raises(ConfigurationError, match="already exists"):
         Refresher.shared(make(), grace_ttl=90)
+    other_clock = OAuth2Client(
+        client_id="shared-test",
+        client_secret="s",
+        token_endpoint=f"{ISSUER}/token",
+        clock=FakeClock(),
+    )
+    with pytest.raises(ConfigurationError, match="another OAuth2Client"):
+        Refresher.shared(other_clock)
 
 
 @pytest.fixture

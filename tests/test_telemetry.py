@@ -97,10 +97,10 @@ async def test_a_100_caller_storm_is_one_refresh_one_leader_and_99_linked_joiner
     assert flight.attributes["outcome"] == "success"
     assert flight.attributes["rotated"] is True
     assert flight.attributes["waiters"] == 100
-    callers = captured.spans(SPAN_ACQUIRE)
-    assert len(callers) == 100
-    leader = [s for s in callers if s.attributes["dedupe"] == "leader"]
-    joiners = [s for s in callers if s.attributes["dedupe"] == "joined"]
+    caller_spans = captured.spans(SPAN_ACQUIRE)
+    assert len(caller_spans) == 100
+    leader = [s for s in caller_spans if s.attributes["dedupe"] == "leader"]
+    joiners = [s for s in caller_spans if s.attributes["dedupe"] == "joined"]
     assert len(leader) == 1
     assert flight.parent.span_id == leader[0].context.span_id
     assert len(joiners) == 99
