@@ -262,6 +262,13 @@ _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _Shared]]
 )
 
 
+async def close_shared_pool() -> None:
+    """Close the running loop's shared pool (the middleware does it at lifespan shutdown)."""
+    by_provider = _pools.pop(asyncio.get_running_loop(), {})
+    for shared in by_provider.values():
+        await shared.inner.aclose()
+
+
 def shared_client(source: TokenSource, telemetry: Telemetry, **options: Any) -> httpx.AsyncClient:
     """A new ``httpx.AsyncClient`` authenticating with ``source`` over the loop's shared pool.
 

@@ -14,6 +14,7 @@ from typing import Any
 
 from ._accessor import TokenAccessor
 from ._errors import ConfigurationError, ReauthenticationRequired, RefreshUnavailable
+from ._httpx import close_shared_pool
 from ._oauth import OAuth2Client
 from ._refresher import Refresher, TokenParams
 from ._stores import MemorySessionStore, SessionStore
@@ -89,7 +90,10 @@ class TokenRefreshMiddleware:
             )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if scope["type"] == "lifespan":
+            await self.app(scope, receive, _closing_pool_at_shutdown(send))
+            return
+        if scope["type"] != "http" and scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
         accessor = TokenAccessor(scope, self.store, self.refresher, self._anonymous)
@@ -140,6 +144,18 @@ class TokenRefreshMiddleware:
         retry_after = str(max(1, math.ceil(exc.retry_after))).encode()
         body = {"error": UNAVAILABLE_ERROR_CODE, "reason": exc.reason}
         await _respond(send, 503, _json(body), [(b"retry-after", retry_after)])
+
+
+def _closing_pool_at_shutdown(send: Send) -> Send:
+    """Pass lifespan messages through; close this loop's shared connection pool just before
+    reporting shutdown complete (after that the server may stop the loop at once)."""
+
+    async def send_after_closing(message: Message) -> None:
+        if message["type"] == "lifespan.shutdown.complete":
+            await close_shared_pool()
+        await send(message)
+
+    return send_after_closing
 
 
 def _json(body: dict[str, str]) -> bytes:

@@ -1,0 +1,90 @@
+"""The demo (the project's main job) over real sockets; real time, kept to a few seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from asgi_token_refresh._demo import DemoConfig, run_demo
+
+SMALL = DemoConfig(sessions=4, tabs=2, parallel=3, rounds=2, token_lifetime=1.0, latency=0.05)
+
+
+def test_naive_refresh_loses_sessions_and_single_flight_keeps_them_all() -> None:
+    naive, single_flight = run_demo(SMALL)
+    assert naive.requests == single_flight.requests == 4 * 2 * 3 * 2
+    assert naive.sessions_revoked > 0
+    assert naive.invalid_grant > 0
+    assert naive.failures > 0
+    assert single_flight.provider_calls == 4 * 2  # one per session per expiry boundary
+    assert single_flight.invalid_grant == 0
+    assert single_flight.sessions_revoked == 0
+    assert single_flight.failures == 0
+
+
+def test_serve_mode_exposes_library_metrics_for_prometheus() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [
+        sys.executable, "-m", "asgi_token_refresh", "demo", "--serve",
+        "--metrics-port", str(port), "--duration", "4", "--sessions", "3",
+        "--tabs", "2", "--parallel", "2", "--token-lifetime", "1",
+    ]  # fmt: skip
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        text = ""
+        deadline = time.monotonic() + 30
+        while (
+            "asgi_token_refresh_refreshes_total" not in text
+            or 'outcome="invalid_grant"' not in text
+        ):
+            assert time.monotonic() < deadline, text[-2000:]
+            assert demo.poll() is None, demo.stderr.read() if demo.stderr else ""
+            with contextlib.suppress(httpx.TransportError):
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            time.sleep(0.2)
+        providers = set(re.findall(r'provider="([^"]+)"', text))
+        assert providers == {"naive", "single-flight"}
+        assert demo.wait(timeout=30) == 0
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for stream in (demo.stdout, demo.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def test_demo_command_prints_the_comparison_and_exits_zero() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "asgi_token_refresh",
+            "demo",
+            "--sessions",
+            "3",
+            "--tabs",
+            "2",
+            "--parallel",
+            "2",
+            "--rounds",
+            "1",
+            "--token-lifetime",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "sessions revoked" in result.stdout
+    assert "single-flight: 3 provider calls for 12 requests, no session lost" in result.stdout
