@@ -6,6 +6,7 @@ access token expired at once; stragglers served from a grace cache; dead session
 
 from ._accessor import SyncTokenAccessor, TokenAccessor
 from ._clock import Clock, SystemClock
+from ._coordination import Coordinator, Lease, LocalCoordinator
 from ._errors import (
     ConfigurationError,
     ReauthenticationRequired,
@@ -29,6 +30,9 @@ __all__ = [
     "Clock",
     "ConfigurationError",
     "CookieSessionStore",
+    "Coordinator",
+    "Lease",
+    "LocalCoordinator",
     "MachineTokens",
     "MemorySessionStore",
     "OAuth2Client",

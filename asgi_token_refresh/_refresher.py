@@ -28,6 +28,7 @@ from cachetools import TLRUCache, TTLCache
 from opentelemetry import trace
 
 from ._clock import Clock
+from ._coordination import Coordinator, Lease, LocalCoordinator, Published
 from ._errors import (
     ConfigurationError,
     ReauthenticationRequired,
@@ -38,6 +39,7 @@ from ._errors import (
 from ._ioloop import io_loop, reset_after_fork
 from ._oauth import DEFAULT_RETRY_AFTER, OAuth2Client
 from ._telemetry import (
+    COORDINATOR,
     DEDUPE,
     ERROR_TYPE,
     GRANT,
@@ -64,6 +66,12 @@ OnRefreshed = Callable[[TokenSet], "Awaitable[None] | None"]
 _TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
 # A chain of rotations longer than this inside one grace TTL is not a chain but a bug.
 _MAX_CHAIN = 32
+# A lease outlives the leader's own provider call by this much, so it never expires under a
+# live leader; a dead leader's lease frees the grant this long after its timeout.
+_LEASE_MARGIN = 5.0
+# After a coordinator error, flights coordinate locally only for this long, then try again.
+_COORDINATOR_RETRY = 5.0
+_LOCAL = LocalCoordinator()
 # Keys are keyed hashes so that no cache, log line or metric ever holds a token. The key is
 # per process; the distributed coordinator derives its own from the app's secret.
 _KEY_SECRET = secrets.token_bytes(32)
@@ -176,6 +184,7 @@ class Refresher:
         max_entries: int = 50_000,
         clock: Clock | None = None,
         telemetry: Telemetry | None = None,
+        coordinator: Coordinator | None = None,
     ) -> None:
         for name, value in (("skew", skew), ("jitter", jitter), ("grace_ttl", grace_ttl)):
             if not (math.isfinite(value) and value >= 0):
@@ -200,7 +209,11 @@ class Refresher:
             "max_concurrency": max_concurrency,
             "max_entries": max_entries,
             "clock": self.clock,
+            "coordinator": coordinator,
         }
+        #: Shares flights with other processes; the default coordinates within this one only.
+        self.coordinator: Coordinator = coordinator or _LOCAL
+        self._coordinator_down_until = 0.0
         # _lock guards _flights, _grace, _failures and every _Flight's waiter lists and state.
         self._lock = threading.Lock()
         self._flights: dict[bytes, _Flight] = {}
@@ -223,8 +236,9 @@ class Refresher:
         self._attributes = {PROVIDER: client.name}
         self._dedupe_attributes = {
             path: {DEDUPE: path, PROVIDER: client.name}
-            for path in ("leader", "joined", "grace_cache", "negative_cache")
+            for path in ("leader", "joined", "grace_cache", "negative_cache", "distributed")
         }
+        self._coordinator_attributes = {COORDINATOR: self.coordinator.name, PROVIDER: client.name}
         self._flight_attributes = {
             grant: {GRANT: grant, PROVIDER: client.name}
             for grant in ("refresh_token", "client_credentials")
@@ -580,9 +594,62 @@ class Refresher:
         stored = await self._read_current(flight)
         if stored is not None:
             return stored, False
+        return await self._coordinated(flight, token_set)
+
+    async def _coordinated(self, flight: _Flight, token_set: TokenSet) -> tuple[TokenSet, bool]:
+        """Lead the grant across processes (or take what another process published), then
+        call the provider and publish the outcome for the other processes."""
+        coordinator = self._coordinator_now()
+        params = flight.params
+        key = coordinator.grant_key(
+            self.client.provider_url,
+            self.client.client_id,
+            token_set.refresh_token,
+            params.scope,
+            params.resource,
+            params.audience,
+        )
+        lease_ttl = self.timeout + _LEASE_MARGIN  # outlives our own provider call
+        try:
+            claim = await self._claim(coordinator, key, lease_ttl)
+        except Exception as exc:  # Redis down, say: carry on with the local flight alone
+            self._coordinator_failed(coordinator, exc)
+            coordinator, claim = _LOCAL, Lease(key, "local")
+        if not isinstance(claim, Lease):
+            self.telemetry.token_requests.add(1, self._dedupe_attributes["distributed"])
+            if isinstance(claim, TokenSet):
+                return claim, False
+            raise copy.copy(claim)
+        try:
+            outcome = await self._call_provider(flight, token_set)
+        except (ReauthenticationRequired, RefreshUnavailable) as exc:
+            ttl = self.grace_ttl if isinstance(exc, ReauthenticationRequired) else exc.retry_after
+            await self._publish(coordinator, claim, exc, min(ttl, self.grace_ttl))
+            raise
+        except BaseException:
+            await self._release(coordinator, claim)
+            raise
+        await self._publish(coordinator, claim, outcome[0], self.grace_ttl)
+        return outcome
+
+    async def _claim(
+        self, coordinator: Coordinator, key: str, lease_ttl: float
+    ) -> Lease | Published:
+        while True:  # bounded by the flight's timeout
+            claim = await coordinator.try_lead(key, lease_ttl)
+            if claim is not None:
+                return claim
+            published = await coordinator.wait(key, lease_ttl)
+            if published is not None:
+                return published
+            # The leader's lease ended without an outcome (it died): try to lead ourselves.
+
+    async def _call_provider(self, flight: _Flight, token_set: TokenSet) -> tuple[TokenSet, bool]:
+        assert token_set.refresh_token is not None
+        params = flight.params
         flight.called_provider = True
         try:
-            issued = await client.refresh(
+            issued = await self.client.refresh(
                 token_set.refresh_token,
                 scope=params.scope,
                 resource=params.resource,
@@ -598,6 +665,45 @@ class Refresher:
                 return stored, False
             raise ReauthenticationRequired(exc.error) from exc
         return issued, True
+
+    # -- the coordinator, and living without it ---------------------------------------------------
+
+    def _coordinator_now(self) -> Coordinator:
+        if self._coordinator_down_until > self.clock.monotonic():
+            return _LOCAL
+        return self.coordinator
+
+    def _coordinator_failed(self, coordinator: Coordinator, exc: Exception) -> None:
+        self.telemetry.coordinator_errors.add(1, self._coordinator_attributes)
+        if self._coordinator_down_until == 0.0:  # log once per outage
+            logger.warning(
+                "%s coordinator unavailable (%s); refreshing with local coordination only",
+                coordinator.name,
+                type(exc).__name__,
+            )
+        self._coordinator_down_until = self.clock.monotonic() + _COORDINATOR_RETRY
+
+    def _coordinator_ok(self) -> None:
+        if self._coordinator_down_until:
+            logger.warning("%s coordinator is back", self.coordinator.name)
+            self._coordinator_down_until = 0.0
+
+    async def _publish(
+        self, coordinator: Coordinator, lease: Lease, outcome: Published, ttl: float
+    ) -> None:
+        try:
+            await coordinator.publish(lease, outcome, ttl)
+        except Exception as exc:
+            self._coordinator_failed(coordinator, exc)
+        else:
+            if coordinator is not _LOCAL:
+                self._coordinator_ok()
+
+    async def _release(self, coordinator: Coordinator, lease: Lease) -> None:
+        try:
+            await coordinator.release(lease)
+        except Exception as exc:
+            self._coordinator_failed(coordinator, exc)
 
     async def _read_current(self, flight: _Flight) -> TokenSet | None:
         """The stored token set, if it is a newer generation than the flight's."""

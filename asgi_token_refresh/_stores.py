@@ -11,23 +11,20 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import logging
 import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from cachetools import TTLCache
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError
+from ._sealing import Sealer
 from ._tokens import TokenSet
-
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = [
     "CookieSessionStore",
@@ -100,7 +97,7 @@ def parse_cookie_header(header: str) -> dict[str, str]:
     return cookies
 
 
-def _validate_cookie_options(name: str, same_site: str, secure: bool, max_age: float) -> None:
+def validate_cookie_options(name: str, same_site: str, secure: bool, max_age: float) -> None:
     if not name or any(c in name for c in ' ;,="\t\r\n'):
         raise ConfigurationError(f"cookie name {name!r} is not a valid cookie name")
     if same_site not in ("lax", "strict", "none"):
@@ -111,7 +108,7 @@ def _validate_cookie_options(name: str, same_site: str, secure: bool, max_age: f
         raise ConfigurationError("max_age must be a positive number of seconds")
 
 
-class _CookieWriter:
+class CookieWriter:
     """Builds ``Set-Cookie`` values with one set of attributes."""
 
     def __init__(
@@ -134,7 +131,7 @@ class _CookieWriter:
         return f"{name}=; Max-Age=0; {self._attributes}"
 
 
-def _session_max_age(token_set: TokenSet, default: float) -> float:
+def session_max_age(token_set: TokenSet, default: float) -> float:
     # Keycloak and others say how long the refresh token lives; the cookie should not outlive it.
     seconds = token_set.extra.get("refresh_expires_in")
     if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
@@ -168,36 +165,18 @@ class CookieSessionStore:
         max_age: float = _THIRTY_DAYS,
         chunk_size: int = 3800,
     ) -> None:
-        try:
-            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigurationError(
-                "CookieSessionStore needs the 'cryptography' package: "
-                "pip install 'asgi-token-refresh[cookies]'"
-            ) from None
-        if isinstance(secret_keys, str | bytes) or not secret_keys:
-            raise ConfigurationError("secret_keys must be a non-empty list of keys")
-        for key in secret_keys:
-            if len(key) < 32:
-                raise ConfigurationError("every secret key must be at least 32 characters long")
-        _validate_cookie_options(cookie_name, same_site, secure, max_age)
+        self._sealer = Sealer(secret_keys, purpose="atr-cookie-v1", extra="cookies")
+        validate_cookie_options(cookie_name, same_site, secure, max_age)
         if not 256 <= chunk_size <= 4000:
             raise ConfigurationError("chunk_size must be between 256 and 4000 characters")
         self.cookie_name = cookie_name
         self._aad = f"asgi-token-refresh|{self._VERSION}|{cookie_name}".encode()
-        self._ciphers: list[AESGCM] = [AESGCM(self._derive(k)) for k in secret_keys]
         self._chunk_size = chunk_size
-        self._writer = _CookieWriter(
+        self._writer = CookieWriter(
             path=path, domain=domain, secure=secure, same_site=same_site, max_age=max_age
         )
         self._rejected = 0
         self._rejected_lock = threading.Lock()
-
-    @staticmethod
-    def _derive(secret: str | bytes) -> bytes:
-        raw = secret.encode() if isinstance(secret, str) else secret
-        # A fixed-purpose derivation so the same secret used elsewhere yields an unrelated key.
-        return hashlib.blake2b(raw, digest_size=32, person=b"atr-cookie-v1").digest()
 
     @property
     def rejected(self) -> int:
@@ -205,29 +184,18 @@ class CookieSessionStore:
         return self._rejected
 
     def __repr__(self) -> str:
-        return f"CookieSessionStore(cookie_name={self.cookie_name!r}, keys={len(self._ciphers)})"
+        return f"CookieSessionStore(cookie_name={self.cookie_name!r}, {self._sealer!r})"
 
     # -- encoding --------------------------------------------------------------------------
 
     def _encrypt(self, token_set: TokenSet) -> str:
-        nonce = secrets.token_bytes(12)
         plaintext = json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
-        sealed = self._ciphers[0].encrypt(nonce, plaintext, self._aad)
-        return base64.urlsafe_b64encode(nonce + sealed).rstrip(b"=").decode("ascii")
+        sealed = self._sealer.seal(plaintext, self._aad)
+        return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
 
     def _decrypt(self, blob: str) -> TokenSet:
-        from cryptography.exceptions import InvalidTag
-
         raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
-        if len(raw) < 12 + 16:
-            raise ValueError("too short")
-        for cipher in self._ciphers:
-            try:
-                plaintext = cipher.decrypt(raw[:12], raw[12:], self._aad)
-            except InvalidTag:
-                continue
-            return TokenSet.from_dict(json.loads(plaintext))
-        raise ValueError("no key decrypts it")
+        return TokenSet.from_dict(json.loads(self._sealer.open(raw, self._aad)))
 
     def _chunk_names(self, cookies: Mapping[str, str]) -> list[str]:
         prefix = self.cookie_name + "."
@@ -268,7 +236,7 @@ class CookieSessionStore:
         chunks = [blob[i : i + size] for i in range(0, len(blob), size)]
         if len(chunks) > 16:
             raise ValueError("token set too large for 16 cookies")
-        max_age = _session_max_age(token_set, self._writer.max_age)
+        max_age = session_max_age(token_set, self._writer.max_age)
         headers = [
             self._writer.set(
                 self.cookie_name, f"{self._VERSION}.{len(chunks)}.{chunks[0]}", max_age
@@ -311,11 +279,11 @@ class MemorySessionStore:
         max_sessions: int = 100_000,
         clock: Clock | None = None,
     ) -> None:
-        _validate_cookie_options(cookie_name, same_site, secure, max_age)
+        validate_cookie_options(cookie_name, same_site, secure, max_age)
         if max_sessions < 1:
             raise ConfigurationError("max_sessions must be at least 1")
         self.cookie_name = cookie_name
-        self._writer = _CookieWriter(
+        self._writer = CookieWriter(
             path=path, domain=domain, secure=secure, same_site=same_site, max_age=max_age
         )
         clock = clock or SYSTEM_CLOCK

@@ -34,6 +34,7 @@ REFRESH_ACTIVE = "asgi_token_refresh.refresh.active"
 REFRESH_WAITERS = "asgi_token_refresh.refresh.waiters"
 REFRESH_INTERVAL = "asgi_token_refresh.refresh.interval"
 TOKEN_FRESH = "asgi_token_refresh.token.fresh"
+COORDINATOR_ERRORS = "asgi_token_refresh.coordinator.errors"
 
 # Span names.
 SPAN_REFRESH = "asgi_token_refresh.refresh"
@@ -47,6 +48,7 @@ GRANT = "grant"  # refresh_token | client_credentials
 PROVIDER = "provider"  # OAuth2Client.name: a configured label, never a URL with secrets
 DEDUPE = "dedupe"  # leader | joined | grace_cache | negative_cache | distributed
 COMPONENT = "component"  # asgi | httpx
+COORDINATOR = "coordinator"  # local | redis | file
 ERROR_TYPE = "error.type"
 ROTATED = "rotated"
 WAITERS = "waiters"
@@ -125,6 +127,11 @@ class Telemetry:
             "s",
             "Time since the previous refresh of the same session (storms show as short ones)",
             explicit_bucket_boundaries_advisory=INTERVAL_BUCKETS,
+        )
+        self.coordinator_errors = meter.create_counter(
+            COORDINATOR_ERRORS,
+            "{error}",
+            "Coordinator (Redis, file) failures; flights fall back to local coordination",
         )
         # Weak: a global meter must not keep every Refresher (and its caches) alive.
         self._fresh_sources: weakref.WeakSet[_FreshCounting] = weakref.WeakSet()

@@ -11,6 +11,7 @@ from asgi_token_refresh._ioloop import io_loop
 from asgi_token_refresh.testing import FakeClock, FakeIdP
 
 from .helpers import ISSUER
+from .redis_server import RedisServer, running_redis
 
 
 @pytest.fixture
@@ -46,3 +47,10 @@ def client(idp: FakeIdP, clock: FakeClock) -> Iterator[OAuth2Client]:
 @pytest.fixture
 def refresher(client: OAuth2Client) -> Refresher:
     return Refresher(client, jitter=0.0)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """One redis-server for the session; tests flush it (``FLUSHALL``) as they need."""
+    with running_redis() as server:
+        yield server
