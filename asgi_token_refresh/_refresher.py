@@ -328,6 +328,7 @@ class Refresher:
     def ensure_fresh_sync(self, token_set: TokenSet, **options: Any) -> TokenSet:
         """Blocking :meth:`ensure_fresh`, for sync code in a worker thread."""
         if not self.refresh_due(token_set):
+            self.fresh_hits += 1
             return token_set
         return io_loop.run_sync(self.ensure_fresh(token_set, **options))
 
@@ -377,7 +378,9 @@ class Refresher:
                 joined = flight
         if joined is None:
             assert failure is not None
-            _end_failed(self._served(path), failure[0])
+            span = self._served(path)
+            _mark_failed(span, failure[0])
+            span.end()
             raise copy.copy(failure[0])
         return await self._wait(path, joined, waiter)
 
@@ -460,9 +463,10 @@ class Refresher:
             if flight is None:
                 span = self._served(path)
                 if failure is not None:
-                    _end_failed(span, failure[0])
-                    raise copy.copy(failure[0])
+                    _mark_failed(span, failure[0])
                 span.end()
+                if failure is not None:
+                    raise copy.copy(failure[0])
                 return newest
             result = await self._wait(path, flight, waiter)
             # Only a token set read back from the store can already be due; go round once more
@@ -496,7 +500,7 @@ class Refresher:
                 io_loop.submit(self._fly(flight))
             return await waiter
         except BaseException as exc:
-            _end_failed(span, exc)
+            _mark_failed(span, exc)
             raise
         finally:
             if path == "joined" and flight.span is not None:
@@ -787,11 +791,10 @@ class Refresher:
         self._slots = None
 
 
-def _end_failed(span: trace.Span, error: BaseException) -> None:
+def _mark_failed(span: trace.Span, error: BaseException) -> None:
     outcome = _outcome(error)
     span.set_attribute(ERROR_TYPE, outcome)
     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
-    span.end()
 
 
 def _outcome(error: BaseException | None) -> str:
@@ -800,6 +803,9 @@ def _outcome(error: BaseException | None) -> str:
         return "success"
     if isinstance(error, ReauthenticationRequired):
         return "invalid_grant" if error.reason == "invalid_grant" else "invalid_client"
+    if isinstance(error, TokenEndpointError) and error.error in _TERMINAL_ERRORS:
+        # a refused client-credentials grant: the client, not a session, is the problem
+        return "invalid_grant" if error.error == "invalid_grant" else "invalid_client"
     if isinstance(error, RefreshUnavailable) and error.reason in ("timeout", "network_error"):
         return error.reason
     return "provider_error"
