@@ -14,6 +14,7 @@ from ._errors import (
     TokenEndpointError,
     TokenRefreshError,
 )
+from ._file_coordinator import FileCoordinator
 from ._httpx import BlockingTokens, MachineTokens, SessionTokens, TokenAuth, TokenSource
 from ._middleware import TokenRefreshMiddleware
 from ._oauth import AuthorizationRequest, OAuth2Client, ProviderMetadata
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigurationError",
     "CookieSessionStore",
     "Coordinator",
+    "FileCoordinator",
     "Lease",
     "LocalCoordinator",
     "MachineTokens",

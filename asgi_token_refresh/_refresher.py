@@ -619,6 +619,9 @@ class Refresher:
         except Exception as exc:  # Redis down, say: carry on with the local flight alone
             self._coordinator_failed(coordinator, exc)
             coordinator, claim = _LOCAL, Lease(key, "local")
+        else:
+            if coordinator is not _LOCAL:  # a follower never publishes: the claim says it too
+                self._coordinator_ok()
         if not isinstance(claim, Lease):
             self.telemetry.token_requests.add(1, self._dedupe_attributes["distributed"])
             if isinstance(claim, TokenSet):

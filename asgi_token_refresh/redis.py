@@ -68,8 +68,8 @@ return {0}
 """
 # KEYS: session. ARGV: generation, sealed token set, ttl ms. Never moves back a generation.
 _STORE_SESSION = """
-local current = redis.call('HGET', KEYS[1], 'generation')
-if current and tonumber(current) > tonumber(ARGV[1]) then return 0 end
+local current = tonumber(redis.call('HGET', KEYS[1], 'generation'))
+if current and current > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'token_set', ARGV[2])
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
@@ -99,13 +99,18 @@ class _RedisOnIOLoop:
         if self._client is None:
             import redis.asyncio
 
-            self._client = redis.asyncio.Redis.from_url(self.url, **self.options)
+            # Blocking: past max_connections (redis_options, default 50) a command waits for a
+            # free connection (up to ``timeout``, default 20 s) instead of failing at once with
+            # MaxConnectionsError, as recent redis-py's default pool does past 100: a storm of
+            # requests would get 500s.
+            pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, **self.options)
+            self._client = redis.asyncio.Redis(connection_pool=pool)
         return self._client
 
     async def aclose(self) -> None:
         if self._client is not None:
             client, self._client = self._client, None
-            await client.aclose()
+            await client.aclose(close_connection_pool=True)  # a pool passed in is kept otherwise
 
     def _after_fork_in_child(self) -> None:
         self._client = None  # its connections belong to the parent's I/O loop
@@ -162,10 +167,16 @@ class RedisCoordinator:
         # Register as a follower first, so a result published right after our claim still
         # wakes us (the message cannot arrive before the registration).
         waiter = self._register(key)
+        claim = asyncio.ensure_future(
+            self._redis.client().eval(_CLAIM, 2, lock, result, owner, _ms(ttl))
+        )
         try:
-            reply = await self._redis.client().eval(_CLAIM, 2, lock, result, owner, _ms(ttl))
+            reply = await asyncio.shield(claim)
         except BaseException:
             self._unregister(key, waiter)
+            # Cancelled while the claim was on its way: if it took the lock, hand it back now
+            # rather than leave the grant locked until the lease expires.
+            claim.add_done_callback(lambda done: self._give_back(done, key, owner))
             raise
         if reply[0] == 0:
             return None  # keep the waiter for wait()
@@ -249,6 +260,13 @@ class RedisCoordinator:
         if not waiters:
             self._waiters.pop(key, None)
 
+    def _give_back(self, claim: asyncio.Future[Any], key: str, owner: str) -> None:
+        if claim.cancelled() or claim.exception() is not None or claim.result()[0] != 2:
+            return
+        lock, _ = self._keys(key)
+        release = self._redis.client().eval(_RELEASE, 1, lock, owner, self.channel, key)
+        asyncio.ensure_future(release).add_done_callback(_ignore_failure)
+
     def _stop_renewing(self, lease: Lease) -> None:
         task = self._renewals.pop(lease.owner, None)
         if task is not None:
@@ -294,6 +312,11 @@ class RedisCoordinator:
         self._waiters = {}
         self._listener = None
         self._renewals = {}
+
+
+def _ignore_failure(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        logger.debug("could not hand back an abandoned Redis lease; it will expire")
 
 
 class RedisSessionStore:

@@ -10,6 +10,7 @@ PUBLIC = [
     "ConfigurationError",
     "CookieSessionStore",
     "Coordinator",
+    "FileCoordinator",
     "Lease",
     "LocalCoordinator",
     "MachineTokens",

@@ -1,0 +1,369 @@
+"""FileCoordinator: one flight per grant across the worker processes of one host, no server.
+
+Leases are ``flock`` locks on one file per grant (``<directory>/locks/<key>.lock``): the kernel
+drops a lock when its process dies, even by SIGKILL, so a dead leader frees its grant at once.
+Outcomes go to a SQLite database in WAL mode (``<directory>/results.sqlite3``), sealed with the
+app's secret keys (AES-GCM, bound to the grant's key), so the disk never holds a plaintext
+token. Every file operation runs on a small thread pool, never on the library's I/O loop.
+
+A lock file is unlinked only by a process holding its lock, and a process that has just locked
+one checks that the path still names the file it locked (else it starts over): so unlinking
+never lets two processes lead at once, and the lock directory does not grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import math
+import os
+import re
+import secrets
+import stat
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from ._coordination import Lease, Published, decode_outcome, encode_outcome
+from ._errors import ConfigurationError
+from ._ioloop import reset_after_fork
+from ._sealing import Sealer
+
+if sys.platform != "win32":
+    import fcntl
+if TYPE_CHECKING:
+    import sqlite3
+
+__all__ = ["FileCoordinator"]
+
+T = TypeVar("T")
+
+_KEY = re.compile(r"[0-9a-f]{16,64}")  # what Sealer.name returns; never a path
+_BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another process's write lock
+_SWEEP_EVERY = 60.0  # seconds between purges of expired results and stray lock files
+_STRAY_AGE = 60.0  # an unlocked lock file this old was left by a leader that died
+_THREADS = 4
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    key TEXT PRIMARY KEY,
+    sealed BLOB NOT NULL,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS results_expiry ON results (expires_at);
+"""
+
+
+class FileCoordinator:
+    """Makes "one flight per grant" hold across the processes of one host, through files.
+
+    The embedded choice for several workers (uvicorn ``--workers``, gunicorn) on one machine
+    without Redis. ``directory`` must be on a local filesystem shared by the workers (not
+    NFS); by default ``<tempdir>/asgi-token-refresh-<uid>``, created private (mode 0700).
+    ``secret_keys`` seal published outcomes (the first seals, all open) and name the files;
+    every process must use the same keys. A follower looks for the outcome every
+    ``poll_interval`` seconds. A live leader keeps its lease until it publishes or gives up
+    (its own ``timeout`` bounds that); a dead one loses it at once. On an error the refresher
+    falls back to local coordination (counted and logged once), as with Redis.
+    """
+
+    name = "file"
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        *,
+        secret_keys: Sequence[str | bytes],
+        poll_interval: float = 0.02,
+    ) -> None:
+        if sys.platform == "win32":  # pragma: no cover - no flock there
+            raise ConfigurationError("FileCoordinator needs POSIX flock; use RedisCoordinator")
+        if not (math.isfinite(poll_interval) and poll_interval > 0):
+            raise ConfigurationError("poll_interval must be a positive number of seconds")
+        self._sealer = Sealer(secret_keys, purpose="atr-file-v1", extra="cookies")
+        if directory is None:
+            default = Path(tempfile.gettempdir()) / f"asgi-token-refresh-{os.getuid()}"
+            self.directory = _private_directory(default, shared_parent=True)
+        else:
+            self.directory = _private_directory(Path(directory), shared_parent=False)
+        self._locks = _private_directory(self.directory / "locks", shared_parent=False)
+        self._database = self.directory / "results.sqlite3"
+        self.poll_interval = poll_interval
+        # Leases held by this process: owner -> (key, fd of the locked file). Touched from the
+        # pool's threads, hence the mutex.
+        self._mutex = threading.Lock()
+        self._held: dict[str, tuple[str, int]] = {}
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._next_sweep = 0.0
+        self._initialize()
+        reset_after_fork(self)
+
+    def __repr__(self) -> str:
+        return f"FileCoordinator(directory={str(self.directory)!r})"
+
+    def grant_key(self, *parts: str | None) -> str:
+        return self._sealer.name("grant", *parts)
+
+    # -- the Coordinator protocol (on the I/O loop; the work runs on the pool) ----------------
+
+    async def try_lead(self, key: str, ttl: float) -> Lease | Published | None:
+        future = self._submit(self._try_lead, _checked(key))
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The thread carries on and may take the lease: give it back, or it is held until
+            # this process exits.
+            future.add_done_callback(self._abandon)
+            raise
+
+    async def publish(self, lease: Lease, outcome: Published, ttl: float) -> None:
+        sealed = encode_outcome(self._sealer, lease.key, outcome)
+        # Shielded: once started, the write and the release finish even if the caller is gone.
+        await asyncio.shield(self._submit(self._publish, lease, sealed, max(0.0, ttl)))
+
+    async def release(self, lease: Lease) -> None:
+        await asyncio.shield(self._submit(self._release, lease))
+
+    async def lookup(self, key: str) -> Published | None:
+        return await self._submit(self._lookup, _checked(key))
+
+    async def wait(self, key: str, timeout: float) -> Published | None:  # noqa: ASYNC109
+        key = _checked(key)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            published, led = await self._submit(self._peek, key)
+            if published is not None:
+                return published
+            remaining = deadline - loop.time()
+            if not led or remaining <= 0:
+                return None  # the lease is free (released, or its leader died): try to lead
+            await asyncio.sleep(min(self.poll_interval, remaining))
+
+    async def aclose(self) -> None:
+        """Give up the leases this process holds and stop the thread pool (from any loop)."""
+        with self._mutex:
+            held, self._held = self._held, {}
+        for key, fd in held.values():
+            self._unlock(key, fd)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+
+    # -- internals (on the pool's threads) ---------------------------------------------------
+
+    def _submit(self, function: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        if self._pool is None:
+            with self._mutex:
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(
+                        _THREADS, thread_name_prefix="asgi-token-refresh-file"
+                    )
+        return asyncio.get_running_loop().run_in_executor(
+            self._pool, functools.partial(function, *args)
+        )
+
+    def _connect(self) -> sqlite3.Connection:
+        # One connection per operation: nothing to share between threads or across a fork,
+        # and opening a local SQLite file costs microseconds next to a token request.
+        import sqlite3  # here: most apps never need it
+
+        connection = sqlite3.connect(self._database, timeout=_BUSY_TIMEOUT, isolation_level=None)
+        connection.execute("PRAGMA synchronous=NORMAL")  # durable enough for a cache, in WAL
+        return connection
+
+    def _initialize(self) -> None:
+        fd = os.open(self._database, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        # Workers start together; switching to WAL wants the database to itself.
+        with _flocked(self.directory / "init.lock"), contextlib.closing(self._connect()) as db:
+            db.execute("PRAGMA journal_mode=WAL")
+            db.executescript(_SCHEMA)
+
+    def _read(self, db: sqlite3.Connection, key: str) -> Published | None:
+        row = db.execute(
+            "SELECT sealed FROM results WHERE key = ? AND expires_at > ?", (key, time.time())
+        ).fetchone()
+        return None if row is None else decode_outcome(self._sealer, key, bytes(row[0]))
+
+    def _lookup(self, key: str) -> Published | None:
+        with contextlib.closing(self._connect()) as db:
+            return self._read(db, key)
+
+    def _try_lead(self, key: str) -> Lease | Published | None:
+        with contextlib.closing(self._connect()) as db:
+            published = self._read(db, key)
+            if published is not None:
+                return published
+            fd = self._lock(key)
+            if fd is None:
+                return None  # another process leads
+            try:
+                # A leader may have published and released between our read and our lock.
+                published = self._read(db, key)
+            except BaseException:
+                self._unlock(key, fd)
+                raise
+        if published is not None:
+            self._unlock(key, fd)
+            return published
+        owner = secrets.token_hex(16)
+        with self._mutex:
+            self._held[owner] = (key, fd)
+        return Lease(key, owner)
+
+    def _abandon(self, future: asyncio.Future[Lease | Published | None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            return
+        lease = future.result()
+        if isinstance(lease, Lease) and self._pool is not None:
+            self._pool.submit(self._release, lease)
+
+    def _publish(self, lease: Lease, sealed: bytes, ttl: float) -> None:
+        now = time.time()
+        try:
+            with contextlib.closing(self._connect()) as db:
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute(
+                        "INSERT OR REPLACE INTO results (key, sealed, expires_at) VALUES (?, ?, ?)",
+                        (lease.key, sealed, now + ttl),
+                    )
+                    if now >= self._next_sweep:
+                        db.execute("DELETE FROM results WHERE expires_at <= ?", (now,))
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+        finally:
+            self._release(lease)  # after the commit: a follower that gets the lock finds it
+        if now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_EVERY
+            self._sweep_locks(now)
+
+    def _release(self, lease: Lease) -> None:
+        with self._mutex:
+            held = self._held.pop(lease.owner, None)
+        if held is not None:
+            self._unlock(*held)
+
+    def _peek(self, key: str) -> tuple[Published | None, bool]:
+        """The published outcome, and whether another process holds the lease now."""
+        published = self._lookup(key)
+        if published is not None:
+            return published, True
+        try:
+            fd = os.open(self._lock_path(key), os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return None, False
+        try:
+            # Shared: probes never block each other, only a leader's exclusive lock blocks them.
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None, True
+        finally:
+            os.close(fd)  # also drops the probe's lock
+        return None, False
+
+    def _lock_path(self, key: str) -> Path:
+        return self._locks / f"{key}.lock"
+
+    def _lock(self, key: str) -> int | None:
+        """An fd holding the grant's lock, or ``None`` if another process holds it."""
+        path = self._lock_path(key)
+        for _ in range(8):  # each retry means the file was unlinked under us: rare
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except BaseException:
+                os.close(fd)
+                raise
+            if _same_file(fd, path):
+                return fd
+            os.close(fd)  # we locked a file its holder had already unlinked: start over
+        return None
+
+    def _unlock(self, key: str, fd: int) -> None:
+        try:
+            # Unlink while holding the lock (see the module docstring), then let go.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._lock_path(key))
+            fcntl.flock(fd, fcntl.LOCK_UN)  # also for a child that inherited the fd by fork
+        finally:
+            os.close(fd)
+
+    def _sweep_locks(self, now: float) -> None:
+        """Unlink lock files that leaders which died left behind (those nobody holds)."""
+        with contextlib.suppress(OSError), os.scandir(self._locks) as entries:
+            for entry in entries:
+                name = entry.name
+                if not name.endswith(".lock") or not _KEY.fullmatch(name[:-5]):
+                    continue
+                with contextlib.suppress(OSError):
+                    if now - entry.stat(follow_symlinks=False).st_mtime < _STRAY_AGE:
+                        continue
+                    fd = self._lock(name[:-5])
+                    if fd is not None:
+                        self._unlock(name[:-5], fd)
+
+    def _after_fork_in_child(self) -> None:
+        # The child shares the parent's open lock files: closing its copies (never LOCK_UN,
+        # which would release the parent's lock) leaves the parent's leases intact.
+        for _, fd in self._held.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._held = {}
+        self._mutex = threading.Lock()
+        self._pool = None  # its threads stayed in the parent
+
+
+def _checked(key: str) -> str:
+    if not _KEY.fullmatch(key):
+        raise ValueError("not a grant key of this coordinator")
+    return key
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        on_disk = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+
+def _private_directory(path: Path, *, shared_parent: bool) -> Path:
+    """``path``, created with mode 0700 if missing. In a shared parent (the temp directory)
+    it must be a real directory of ours, not something another user planted there."""
+    try:
+        path.mkdir(mode=0o700, parents=not shared_parent)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigurationError(f"cannot create {str(path)!r}: {exc}") from exc
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigurationError(f"{str(path)!r} is not a directory")
+    if shared_parent and (info.st_uid != os.getuid() or info.st_mode & 0o077):
+        raise ConfigurationError(
+            f"{str(path)!r} must be a private directory (owned by uid {os.getuid()}, mode 0700)"
+        )
+    return path
+
+
+@contextlib.contextmanager
+def _flocked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
