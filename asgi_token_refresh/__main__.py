@@ -39,6 +39,7 @@ def _demo(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         rounds=args.rounds,
         token_lifetime=args.token_lifetime or (35.0 if args.serve else 4.0),
+        first_burst=args.first_burst,
         latency=args.latency,
         host=args.host,
     )
@@ -105,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=_seconds,
         help="access-token lifetime, s (4; 35 with --serve, so that steady single-flight "
         "refreshes stay apart from the 30 s storm threshold of the dashboards)",
+    )
+    demo.add_argument(
+        "--first-burst",
+        type=_seconds,
+        help="seconds from login to the first burst: the login tokens expire then (default: "
+        "the token lifetime); the next bursts follow every token lifetime",
     )
     demo.add_argument("--latency", type=_seconds, default=0.02, help="provider latency, s")
     demo.add_argument("--host", default="127.0.0.1", help="where to serve (127.0.0.1)")

@@ -61,6 +61,9 @@ class DemoConfig:
     parallel: int = 3  # concurrent requests per tab and burst
     rounds: int = 3  # expiry boundaries crossed
     token_lifetime: float = 4.0  # seconds
+    # Seconds from login to the first burst (the login tokens expire then); None: token_lifetime.
+    # Later bursts come every token_lifetime after it.
+    first_burst: float | None = None
     latency: float = 0.02  # the provider's token-endpoint latency, seconds
     host: str = "127.0.0.1"
 
@@ -140,8 +143,11 @@ class _NaiveSessions:
         self.telemetry = telemetry
         self.sessions: dict[str, TokenSet] = {}
         self.last_refresh: dict[str, float] = {}
-        self.attributes = {PROVIDER: client.name}
+        self._attributes = {PROVIDER: client.name}
         self.http = httpx.AsyncClient(base_url=client.issuer or "")
+        # Requests served with the stored token, reported as the library's fresh-path counter.
+        self.fresh_hits = 0
+        telemetry.observe_fresh(self)
 
     def login(self, body: dict[str, Any]) -> str:
         session_id = secrets.token_urlsafe(16)
@@ -163,13 +169,15 @@ class _NaiveSessions:
                 return JSONResponse({"error": "reauthentication_required"}, status_code=401)
             except RefreshUnavailable:
                 return JSONResponse({"error": "unavailable"}, status_code=503)
+        else:
+            self.fresh_hits += 1
         answer = await self.http.get(
             "/userinfo", headers={"Authorization": f"Bearer {token_set.access_token}"}
         )
         return JSONResponse(answer.json(), status_code=answer.status_code)
 
     async def _refresh(self, session_id: str, token_set: TokenSet) -> TokenSet:
-        telemetry, attributes = self.telemetry, self.attributes
+        telemetry, attributes = self.telemetry, self._attributes
         telemetry.token_requests.add(1, {DEDUPE: "leader", **attributes})
         now = time.monotonic()
         if session_id in self.last_refresh:
@@ -230,9 +238,14 @@ async def _storm(
         httpx.AsyncClient(base_url=app_url, limits=limits, timeout=30)
         for _ in range(config.sessions)
     ]
+    first_burst = config.first_burst or config.token_lifetime
     try:
-        for user, browser in enumerate(browsers):
-            (await browser.get("/login", params={"user": f"user{user}"})).raise_for_status()
+        idp.access_token_lifetime = first_burst  # the login tokens expire at the first burst
+        try:
+            for user, browser in enumerate(browsers):
+                (await browser.get("/login", params={"user": f"user{user}"})).raise_for_status()
+        finally:
+            idp.access_token_lifetime = config.token_lifetime
 
         async def call(browser: httpx.AsyncClient) -> None:
             started = time.perf_counter()
@@ -248,7 +261,7 @@ async def _storm(
         start = time.monotonic()
         for round_ in range(config.rounds):
             # Wake at every expiry boundary, when every session's access token has just expired.
-            boundary = start + (round_ + 1) * config.token_lifetime
+            boundary = start + first_burst + round_ * config.token_lifetime
             await asyncio.sleep(max(0.0, boundary - time.monotonic()))
             await asyncio.gather(*(call(b) for b in browsers for _ in range(burst)))
             if progress is not None:

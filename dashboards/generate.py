@@ -79,6 +79,13 @@ def divided(numerator: str, denominator: str) -> str:
     return f"{numerator}\n/\n{denominator}"
 
 
+def share(metric: str, matcher: str) -> str:
+    """The per-provider share of ``metric`` matching ``matcher``: 0, not nothing, for a provider
+    whose matching series was never incremented (a counter only appears when it first counts)."""
+    total = summed(BY_PROVIDER, metric)
+    return divided(f"(\n{summed(BY_PROVIDER, metric, matcher)}\nor\n0 * {total}\n)", total)
+
+
 def quantile(q: float, histogram: str) -> str:
     return f"histogram_quantile({q}, {summed(f'{BY_PROVIDER}, le', f'{histogram}_bucket')})"
 
@@ -211,13 +218,7 @@ def build() -> dashboard_builders.Dashboard:
         "requests per session; a drop to 0 while refreshes rise means every caller refreshes "
         "on its own (a naive refresh path, or one refresher per request).",
         "percentunit",
-        (
-            divided(
-                summed(BY_PROVIDER, TOKEN_REQUESTS, NOT_LEADER),
-                summed(BY_PROVIDER, TOKEN_REQUESTS),
-            ),
-            "{{provider}}",
-        ),
+        (share(TOKEN_REQUESTS, NOT_LEADER), "{{provider}}"),
         ratio=True,
     )
     waiters = panel(
@@ -266,10 +267,7 @@ def build() -> dashboard_builders.Dashboard:
         "line is the AsgiTokenRefreshInvalidGrantSpike threshold. Source: "
         "asgi_token_refresh.refreshes.",
         "percentunit",
-        (
-            divided(summed(BY_PROVIDER, REFRESHES, INVALID_GRANT), summed(BY_PROVIDER, REFRESHES)),
-            "{{provider}}",
-        ),
+        (share(REFRESHES, INVALID_GRANT), "{{provider}}"),
         ratio=True,
         threshold=INVALID_GRANT_RATIO,
     )
@@ -280,12 +278,7 @@ def build() -> dashboard_builders.Dashboard:
         "their session. The dashed line is the AsgiTokenRefreshProviderErrors threshold. "
         "Source: asgi_token_refresh.refreshes.",
         "percentunit",
-        (
-            divided(
-                summed(BY_PROVIDER, REFRESHES, PROVIDER_ERRORS), summed(BY_PROVIDER, REFRESHES)
-            ),
-            "{{provider}}",
-        ),
+        (share(REFRESHES, PROVIDER_ERRORS), "{{provider}}"),
         ratio=True,
         threshold=PROVIDER_ERROR_RATIO,
     )
@@ -318,10 +311,13 @@ def build() -> dashboard_builders.Dashboard:
         "Failures of the cross-process coordinator (Redis, file) per second, by coordinator. "
         "During an outage flights coordinate within each process only: processes sharing "
         "sessions may refresh the same one concurrently (watch the invalid_grant ratio). "
-        "Empty with the default local coordinator. Source: asgi_token_refresh.coordinator.errors.",
+        "0 (one line per provider, no coordinator label) when none ever failed, as with the "
+        "default local coordinator. Source: asgi_token_refresh.coordinator.errors.",
         "ops",
         (
-            summed(f"{BY_PROVIDER}, coordinator", COORDINATOR_ERRORS),
+            # Every provider reports the fresh-path counter from the start.
+            f"{summed(f'{BY_PROVIDER}, coordinator', COORDINATOR_ERRORS)}\n"
+            f"or on ({BY_PROVIDER})\n0 * {summed(BY_PROVIDER, TOKEN_FRESH)}",
             "{{provider}} {{coordinator}}",
         ),
     )
