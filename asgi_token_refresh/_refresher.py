@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from cachetools import TLRUCache, TTLCache
 from opentelemetry import trace
@@ -364,25 +364,11 @@ class Refresher:
         waiter: asyncio.Future[TokenSet] = loop.create_future()
         with self._lock:
             failure = self._failures.get(key) if self._failures else None
-            if failure is not None:
-                path, joined = "negative_cache", None
-            else:
-                flight = self._flights.get(key)
-                if flight is None:
-                    flight = self._flights[key] = _Flight(key, "client_credentials", None, params)
-                    path = "leader"
-                else:
-                    path = "joined"
-                    flight.joined += 1
-                flight.waiters.append(waiter)
-                joined = flight
-        if joined is None:
-            assert failure is not None
-            span = self._served(path)
-            _mark_failed(span, failure[0])
-            span.end()
-            raise copy.copy(failure[0])
-        return await self._wait(path, joined, waiter)
+            if failure is None:
+                path, flight = self._board(key, "client_credentials", None, params, waiter)
+        if failure is not None:
+            self._refuse(failure[0])
+        return await self._wait(path, flight, waiter)
 
     def forget(self, token_set: TokenSet, *, params: TokenParams = _NO_PARAMS) -> None:
         """After logout: stragglers holding this session's older refresh tokens must not be
@@ -441,32 +427,19 @@ class Refresher:
             with self._lock:
                 key, newest = self._newest(token_set, params)
                 failure = self._failures.get(key) if self._failures else None
-                if failure is not None:
-                    path = "negative_cache"
-                elif (
+                served_by_cache = (
                     newest.access_token != failed_access_token
                     if failed_access_token is not None
                     else newest is not token_set and not self.refresh_due(newest)
-                ):
-                    path = "grace_cache"
-                else:
-                    flight = self._flights.get(key)
-                    if flight is None:
-                        flight = self._flights[key] = _Flight(key, "refresh_token", newest, params)
-                        path = "leader"
-                    else:
-                        path = "joined"
-                        flight.joined += 1
-                    flight.waiters.append(waiter)
+                )
+                if failure is None and not served_by_cache:
+                    path, flight = self._board(key, "refresh_token", newest, params, waiter)
                     flight.read_current = flight.read_current or current
                     flight.on_refreshed = flight.on_refreshed or on_refreshed
+            if failure is not None:
+                self._refuse(failure[0])
             if flight is None:
-                span = self._served(path)
-                if failure is not None:
-                    _mark_failed(span, failure[0])
-                span.end()
-                if failure is not None:
-                    raise copy.copy(failure[0])
+                self._served("grace_cache").end()
                 return newest
             result = await self._wait(path, flight, waiter)
             # Only a token set read back from the store can already be due; go round once more
@@ -475,6 +448,32 @@ class Refresher:
                 return result
             token_set = result
         return result
+
+    def _board(
+        self,
+        key: bytes,
+        grant: Literal["refresh_token", "client_credentials"],
+        token_set: TokenSet | None,
+        params: TokenParams,
+        waiter: asyncio.Future[TokenSet],
+    ) -> tuple[str, _Flight]:
+        """Join the flight for ``key``, starting it if there is none. Needs _lock."""
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = self._flights[key] = _Flight(key, grant, token_set, params)
+            path = "leader"
+        else:
+            path = "joined"
+            flight.joined += 1
+        flight.waiters.append(waiter)
+        return path, flight
+
+    def _refuse(self, failure: TokenRefreshError) -> NoReturn:
+        """Serve a caller a remembered failure (dead session, provider down)."""
+        span = self._served("negative_cache")
+        _mark_failed(span, failure)
+        span.end()
+        raise copy.copy(failure)
 
     def _served(self, path: str) -> trace.Span:
         """Count a caller that needed a new token and start its span, by how it is served.
