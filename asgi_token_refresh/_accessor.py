@@ -81,8 +81,11 @@ class TokenAccessor:
     @property
     def cookies(self) -> dict[str, str]:
         if self._cookies is None:
-            header = b"; ".join(v for k, v in self._scope.get("headers", ()) if k == b"cookie")
-            self._cookies = parse_cookie_header(header.decode("latin-1"))
+            cookies: dict[str, str] = {}
+            for name, value in self._scope.get("headers", ()):
+                if name == b"cookie":  # HTTP/2 may split cookies over several headers
+                    cookies = parse_cookie_header(value.decode("latin-1")) | cookies
+            self._cookies = cookies
         return self._cookies
 
     async def _load(self) -> TokenSet | None:
@@ -228,6 +231,16 @@ class TokenAccessor:
         self._new_session = False
 
     # -- writing back (the middleware calls this) --------------------------------------------
+
+    @property
+    def changed(self) -> bool:
+        """Whether :meth:`commit` has anything to write."""
+        return self._changed
+
+    def seal(self) -> list[str]:
+        """Mark the response as started with nothing to write (the cheap :meth:`commit`)."""
+        self._committed = True
+        return []
 
     async def commit(self) -> list[str]:
         """Write what changed to the store; the ``Set-Cookie`` values to send. Once."""

@@ -104,7 +104,8 @@ class TokenRefreshMiddleware:
             nonlocal started
             if message["type"] in ("http.response.start", "websocket.accept") and not started:
                 started = True
-                cookies = await accessor.commit()
+                # Most requests change nothing: then no store call, not even an await.
+                cookies = await accessor.commit() if accessor.changed else accessor.seal()
                 if cookies:
                     headers = list(message.get("headers", ()))
                     headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]

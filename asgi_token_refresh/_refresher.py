@@ -16,7 +16,6 @@ import hashlib
 import inspect
 import logging
 import math
-import random
 import secrets
 import threading
 import time
@@ -201,6 +200,7 @@ class Refresher:
         self.max_concurrency = max_concurrency
         self.max_entries = max_entries
         self.clock: Clock = clock or client.clock
+        self._now = self.clock.time  # bound once: the fresh path reads it on every request
         self._options = {
             "skew": skew,
             "jitter": jitter,
@@ -284,9 +284,17 @@ class Refresher:
     # -- the fresh path: no lock, no I/O, no telemetry ------------------------------------------
 
     def refresh_due(self, token_set: TokenSet) -> bool:
-        """Whether ``token_set`` should be replaced now."""
-        lead = self.skew + self.jitter * random.random()  # noqa: S311 - spreading, not secrecy
-        return token_set.refresh_due(self.clock.time(), lead)
+        """Whether ``token_set`` should be replaced now: ``skew`` plus its jitter before expiry,
+        clamped to half the token's lifetime (what ``TokenSet.refresh_due`` computes, inlined:
+        this runs on every request)."""
+        # The jitter is a fixed fraction per token set, from the (cached) hash of its access
+        # token: sessions spread out, and one token's answer never flips between calls.
+        fraction = (hash(token_set.access_token) & 0xFFFF) / 65536.0
+        lead = self.skew + self.jitter * fraction
+        half_lifetime = (token_set.expires_at - token_set.issued_at) * 0.5
+        if lead > half_lifetime:
+            lead = half_lifetime
+        return self._now() >= token_set.expires_at - lead
 
     async def ensure_fresh(
         self,

@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
-from cachetools import TTLCache
-
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError
 from ._sealing import Sealer
@@ -260,9 +258,10 @@ class MemorySessionStore:
     """Sessions in this process's memory, behind an opaque random id in a cookie.
 
     The embedded default for one process: nothing to configure, tokens never leave the server.
-    Bounded: at most ``max_sessions`` (least recently used go first), each kept ``max_age``
-    seconds after its last write. Sessions do not survive a restart and are not shared between
-    workers; use RedisSessionStore for that. A login always issues a new id (no fixation).
+    Bounded: at most ``max_sessions``, each kept ``max_age`` seconds after its last write (a
+    login or a refresh); when full, the least recently written goes first. Sessions do not
+    survive a restart and are not shared between workers; use RedisSessionStore for that. A
+    login always issues a new id (no fixation).
     """
 
     server_side = True
@@ -283,36 +282,50 @@ class MemorySessionStore:
         if max_sessions < 1:
             raise ConfigurationError("max_sessions must be at least 1")
         self.cookie_name = cookie_name
+        self.max_age = max_age
+        self.max_sessions = max_sessions
         self._writer = CookieWriter(
             path=path, domain=domain, secure=secure, same_site=same_site, max_age=max_age
         )
-        clock = clock or SYSTEM_CLOCK
-        self._lock = threading.Lock()  # guards _sessions (cachetools is not thread-safe)
-        self._sessions: TTLCache[str, TokenSet] = TTLCache(
-            max_sessions, max_age, timer=clock.monotonic
-        )
+        self._monotonic = (clock or SYSTEM_CLOCK).monotonic
+        # id -> (session, monotonic deadline), oldest write first. Reads take no lock (dict.get
+        # is atomic; loading runs on every request); _lock serialises writers.
+        self._sessions: dict[str, tuple[Session, float]] = {}
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        with self._lock:
-            return len(self._sessions)
+        now = self._monotonic()
+        return sum(deadline > now for _, deadline in list(self._sessions.values()))
 
     def __repr__(self) -> str:
         return f"MemorySessionStore(cookie_name={self.cookie_name!r}, sessions={len(self)})"
 
-    def _put(self, session_id: str, token_set: TokenSet) -> None:
+    def _get(self, session_id: str) -> Session | None:
+        entry = self._sessions.get(session_id)
+        if entry is None or entry[1] <= self._monotonic():
+            return None
+        return entry[0]
+
+    def _put(self, session_id: str, token_set: TokenSet) -> Session:
         """Compare-and-set: a slower writer never regresses the session to an older generation."""
         with self._lock:
-            stored = self._sessions.get(session_id)
-            if stored is None or token_set.issued_at >= stored.issued_at:
-                self._sessions[session_id] = token_set
+            stored = self._get(session_id)
+            if stored is not None and token_set.issued_at < stored.token_set.issued_at:
+                return stored
+            session = Session(token_set, session_id)
+            self._sessions.pop(session_id, None)  # re-inserted last: the newest write
+            self._sessions[session_id] = (session, self._monotonic() + self.max_age)
+            while len(self._sessions) > self.max_sessions:
+                del self._sessions[next(iter(self._sessions))]
+            return session
+
+    def _drop(self, session_id: str | None) -> None:
+        with self._lock:
+            self._sessions.pop(session_id or "", None)
 
     async def load(self, cookies: Mapping[str, str]) -> Session | None:
         session_id = cookies.get(self.cookie_name)
-        if not session_id:
-            return None
-        with self._lock:
-            token_set = self._sessions.get(session_id)
-        return None if token_set is None else Session(token_set, session_id)
+        return self._get(session_id) if session_id else None
 
     async def save(
         self,
@@ -323,23 +336,21 @@ class MemorySessionStore:
         new_session: bool = False,
     ) -> tuple[Session | None, list[str]]:
         if previous is not None and (new_session or token_set is None):
-            with self._lock:
-                self._sessions.pop(previous.id or "", None)
+            self._drop(previous.id)
         if token_set is None:
             present = self.cookie_name in cookies
             return None, [self._writer.delete(self.cookie_name)] if present else []
-        if previous is None or new_session:
-            session_id = secrets.token_urlsafe(32)
-            self._put(session_id, token_set)
-            return Session(token_set, session_id), [self._writer.set(self.cookie_name, session_id)]
-        assert previous.id is not None
-        self._put(previous.id, token_set)
-        # Re-sent so the cookie's Max-Age slides along with the session's TTL here.
-        return Session(token_set, previous.id), [self._writer.set(self.cookie_name, previous.id)]
+        if previous is None or new_session or previous.id is None:
+            session = self._put(secrets.token_urlsafe(32), token_set)
+        else:
+            session = self._put(previous.id, token_set)
+        # (Re)sent on every write so the cookie's Max-Age slides along with the session here.
+        assert session.id is not None
+        return session, [self._writer.set(self.cookie_name, session.id)]
 
     async def read(self, session: Session) -> TokenSet | None:
-        with self._lock:
-            return self._sessions.get(session.id or "")
+        stored = self._get(session.id or "")
+        return None if stored is None else stored.token_set
 
     async def persist(self, session: Session, token_set: TokenSet) -> None:
         if session.id is not None:
