@@ -7,18 +7,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 from starlette.applications import Starlette
 
-from asgi_token_refresh import CookieSessionStore, TokenSet
+from asgi_token_refresh import (
+    CookieSessionStore,
+    FileCoordinator,
+    LocalCoordinator,
+    MemorySessionStore,
+    TokenSet,
+)
+from asgi_token_refresh.redis import RedisCoordinator, RedisSessionStore
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, serve
 from examples import fastapi_app, starlette_app
+from examples._common import OIDC, FilePendingLogins, MemoryPendingLogins, RedisPendingLogins
+
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -388,3 +400,204 @@ async def test_logout_revokes_the_grant_at_the_provider(stack: Stack, store_kind
         response = await replay.get("/api/me")
         assert response.status_code == 401
         assert response.json()["error"] == "reauthentication_required"
+
+
+# -- several workers: REDIS_URL and ATR_COORDINATOR=file ----------------------------------------
+
+
+@dataclass
+class SharedMode:
+    """One of the multi-worker configurations, its environment already set."""
+
+    name: str  # "redis" or "file"
+    redis: RedisServer | None
+
+    @property
+    def cookie_name(self) -> str:
+        return "atr_sid" if self.name == "redis" else "atr_session"
+
+    def redis_keys(self) -> list[str]:
+        assert self.redis is not None
+        return sorted(self.redis.cli("--scan").split())
+
+
+@pytest.fixture
+def shared_mode(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> SharedMode:
+    name: str = request.param
+    monkeypatch.setenv("SESSION_SECRET", SESSION_SECRET)
+    monkeypatch.delenv("ATR_COORDINATOR", raising=False)
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    if name == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.cli("FLUSHALL")
+        monkeypatch.setenv("REDIS_URL", server.url)
+        return SharedMode(name, server)
+    monkeypatch.setenv("ATR_COORDINATOR", "file")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # under the coordinator's directory
+    return SharedMode(name, None)
+
+
+SHARED_MODES = pytest.mark.parametrize("shared_mode", ["redis", "file"], indirect=True)
+
+
+@SHARED_MODES
+async def test_two_workers_share_logins_sessions_and_refreshes(
+    framework: str, shared_mode: SharedMode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two app instances stand for two uvicorn workers: each has its own refresher, store and
+    pending logins, and nothing in common but Redis (or the files). The login starts on one and
+    its callback lands on the other; then a storm over both makes one refresh per expiry."""
+    clock = FakeClock()
+    idp = FakeIdP(issuer=None, clock=clock)  # strict: a second refresh would revoke the grant
+    servers = Servers()
+    try:
+        idp_url = servers.start(idp)
+        port_a, port_b = free_port(), free_port()
+        app_url = f"http://127.0.0.1:{port_a}"  # the public URL: callbacks go to worker A
+        monkeypatch.setenv("OIDC_ISSUER", idp_url)
+        monkeypatch.setenv("OIDC_CLIENT_ID", "app")
+        monkeypatch.setenv("OIDC_CLIENT_SECRET", "app-secret")
+        monkeypatch.setenv("APP_BASE_URL", app_url)
+        monkeypatch.delenv("OIDC_SCOPE", raising=False)
+        servers.start(CREATE_APP[framework](clock=clock), port=port_a)
+        worker_b = servers.start(CREATE_APP[framework](clock=clock), port=port_b)
+
+        # Cookies ignore ports: worker B gets the cookies worker A sets, as behind one address.
+        async with httpx.AsyncClient(timeout=10.0) as browser:
+            response = await browser.get(worker_b + "/login", follow_redirects=True)
+            assert response.status_code == 200, response.text
+            assert "Logged in" in response.text
+            hops = [r.url for r in (*response.history, response)]
+            assert [(u.port, u.path) for u in hops] == [
+                (port_b, "/login"),
+                (urlsplit(idp_url).port, "/authorize"),
+                (port_a, "/callback"),
+                (port_a, "/"),
+            ]
+            assert browser.cookies.get(shared_mode.cookie_name)
+            if shared_mode.redis is not None:
+                keys = shared_mode.redis_keys()
+                assert [k for k in keys if k.startswith("atr:session:")]
+                assert not [k for k in keys if k.startswith("atr-example:login:")]  # used up
+
+            for rotation in range(1, 3):
+                clock.advance(EXPIRED)
+                responses = await asyncio.gather(
+                    *(
+                        browser.get(url + "/api/me")
+                        for _ in range(10)
+                        for url in (app_url, worker_b)
+                    )
+                )
+                assert [r.status_code for r in responses] == [200] * 20
+                assert {r.json()["sub"] for r in responses} == {"alice"}
+                assert idp.token_calls("refresh_token") == rotation
+        if shared_mode.redis is not None:
+            assert [k for k in shared_mode.redis_keys() if k.endswith(":result")]  # published
+        assert idp.token_calls("authorization_code", "success") == 1
+        assert idp.grants_revoked == 0
+    finally:
+        idp.close()
+        servers.stop()
+
+
+# -- which configuration the environment selects ----------------------------------------------
+
+
+@pytest.fixture
+def bare_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """No provider (the in-process FakeIdP), no secret, no Redis, no coordinator."""
+    for name in ("OIDC_ISSUER", "SESSION_SECRET", "REDIS_URL", "ATR_COORDINATOR", "OIDC_SCOPE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("APP_BASE_URL", "http://127.0.0.1:8000")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"REDIS_URL": "redis://127.0.0.1:1/0"}, "REDIS_URL is set, so SESSION_SECRET"),
+        ({"ATR_COORDINATOR": "file"}, "ATR_COORDINATOR=file is set, so SESSION_SECRET"),
+        ({"ATR_COORDINATOR": "redis", "SESSION_SECRET": SESSION_SECRET}, "needs REDIS_URL"),
+        ({"ATR_COORDINATOR": "zookeeper"}, "must be local, redis or file"),
+    ],
+)
+def test_multi_worker_modes_refuse_an_incomplete_environment(
+    bare_env: pytest.MonkeyPatch, env: dict[str, str], message: str
+) -> None:
+    for name, value in env.items():
+        bare_env.setenv(name, value)
+    with pytest.raises(RuntimeError, match=message):
+        OIDC.from_env()
+
+
+@pytest.mark.parametrize(
+    ("mode", "store", "coordinator", "pending"),
+    [
+        ("memory", MemorySessionStore, LocalCoordinator, MemoryPendingLogins),
+        ("cookie", CookieSessionStore, LocalCoordinator, MemoryPendingLogins),
+        ("redis", RedisSessionStore, RedisCoordinator, RedisPendingLogins),
+        ("file", CookieSessionStore, FileCoordinator, FilePendingLogins),
+        ("file+redis", RedisSessionStore, FileCoordinator, RedisPendingLogins),
+    ],
+)
+async def test_the_environment_selects_store_coordinator_and_pending_logins(
+    request: pytest.FixtureRequest,
+    bare_env: pytest.MonkeyPatch,
+    mode: str,
+    store: type,
+    coordinator: type,
+    pending: type,
+) -> None:
+    if mode != "memory":
+        bare_env.setenv("SESSION_SECRET", SESSION_SECRET)
+    if "redis" in mode:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        bare_env.setenv("REDIS_URL", server.url)
+    if "file" in mode:
+        bare_env.setenv("ATR_COORDINATOR", "file")
+    oidc = OIDC.from_env()
+    try:
+        assert type(oidc.store) is store
+        assert type(oidc.refresher.coordinator) is coordinator
+        assert type(oidc.pending) is pending
+    finally:
+        await oidc.aclose()
+
+
+@pytest.mark.parametrize("mode", ["redis", "file"])
+async def test_a_pending_login_is_taken_once_by_any_worker(
+    request: pytest.FixtureRequest, bare_env: pytest.MonkeyPatch, mode: str
+) -> None:
+    bare_env.setenv("SESSION_SECRET", SESSION_SECRET)
+    if mode == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        server.cli("FLUSHALL")
+        bare_env.setenv("REDIS_URL", server.url)
+    else:
+        bare_env.setenv("ATR_COORDINATOR", "file")
+    workers = [OIDC.from_env() for _ in range(3)]
+    try:
+        started = await workers[0].start_login()
+        # Three workers race for the callback: exactly one gets the login.
+        taken = await asyncio.gather(*(w.pending.take(started.state) for w in workers))
+        assert [t for t in taken if t is not None] == [started]
+        assert await workers[1].pending.take(started.state) is None
+
+        # A login sealed with other keys, or for another state, is no login.
+        bare_env.setenv("SESSION_SECRET", "another-secret-" + "x" * 32)
+        stranger = OIDC.from_env()
+        try:
+            foreign = await stranger.start_login()
+            assert await workers[0].pending.take(foreign.state) is None
+        finally:
+            await stranger.aclose()
+        again = await workers[2].start_login()
+        assert await workers[0].pending.take(again.state + "x") is None
+        assert await workers[0].pending.take(again.state) == again
+    finally:
+        for worker in workers:
+            await worker.aclose()
