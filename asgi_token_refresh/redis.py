@@ -147,6 +147,7 @@ class RedisCoordinator:
         # Touched only on the I/O loop.
         self._waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._listener: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()  # loop-agnostic until awaited (made on the I/O loop)
         self._renewals: dict[str, asyncio.Task[None]] = {}
         reset_after_fork(self)
 
@@ -161,7 +162,7 @@ class RedisCoordinator:
         return self._sealer.name("grant", *parts)
 
     async def try_lead(self, key: str, ttl: float) -> Lease | Published | None:
-        self._ensure_listener()
+        await self._listening()
         lock, result = self._keys(key)
         owner = secrets.token_hex(16)
         # Register as a follower first, so a result published right after our claim still
@@ -281,9 +282,16 @@ class RedisCoordinator:
             except Exception:
                 logger.debug("could not renew a Redis lease; it may expire")
 
-    def _ensure_listener(self) -> None:
+    async def _listening(self) -> None:
+        """Start the pub/sub listener if needed. The first flight of a process waits (up to a
+        poll interval) for its subscription, so that it is woken rather than left to poll."""
         if self._listener is None or self._listener.done():
+            self._subscribed = asyncio.Event()
             self._listener = asyncio.ensure_future(self._listen())
+        if not self._subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.poll_interval):
+                    await self._subscribed.wait()
 
     async def _listen(self) -> None:
         """Wake local followers when any process publishes; reconnect on failure."""
@@ -292,6 +300,8 @@ class RedisCoordinator:
             try:
                 await pubsub.subscribe(self.channel)
                 async for message in pubsub.listen():
+                    if message.get("type") == "subscribe":  # the server confirmed it
+                        self._subscribed.set()
                     if message.get("type") != "message":
                         continue
                     key = message["data"]
