@@ -18,7 +18,6 @@ import logging
 import math
 import secrets
 import threading
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, NoReturn
@@ -524,7 +523,7 @@ class Refresher:
         result: TokenSet | None = None
         error: BaseException | None = None
         issued = False
-        started = time.perf_counter()
+        started = self.clock.monotonic()
         telemetry.active.add(1, attributes)
         try:
             with trace.use_span(span, end_on_exit=False):
@@ -539,13 +538,13 @@ class Refresher:
             error = RefreshUnavailable(
                 "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail="flight cancelled"
             )
-            self._settle(flight, None, error, cache=False, seconds=time.perf_counter() - started)
+            self._settle(flight, None, error, cache=False, seconds=self.clock.monotonic() - started)
             raise
         except Exception as exc:
             error = exc
         finally:
             telemetry.active.add(-1, attributes)
-        self._settle(flight, result, error, cache=True, seconds=time.perf_counter() - started)
+        self._settle(flight, result, error, cache=True, seconds=self.clock.monotonic() - started)
         if issued and result is not None:
             await self._persist(flight, result)
 
