@@ -359,23 +359,30 @@ class Refresher:
             params.resource,
             params.audience,
         )
-        cached = self._machine_tokens.get(key)
-        if (
-            cached is not None
-            and cached.access_token != failed_access_token
-            and not self.refresh_due(cached)
-        ):
+        cached = self._machine_token(key, failed_access_token)
+        if cached is not None:
             self.fresh_hits += 1
             return cached
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[TokenSet] = loop.create_future()
         with self._lock:
+            # Again under the lock: a flight may have landed since the lock-free look above.
+            cached = self._machine_token(key, failed_access_token)
+            if cached is not None:
+                return cached
             failure = self._failures.get(key) if self._failures else None
             if failure is None:
                 path, flight = self._board(key, "client_credentials", None, params, waiter)
         if failure is not None:
             self._refuse(failure[0])
         return await self._wait(path, flight, waiter)
+
+    def _machine_token(self, key: bytes, failed_access_token: str | None) -> TokenSet | None:
+        """The cached client-credentials token for ``key`` if it is still good to hand out."""
+        cached = self._machine_tokens.get(key)
+        if cached is None or cached.access_token == failed_access_token:
+            return None
+        return None if self.refresh_due(cached) else cached
 
     def forget(self, token_set: TokenSet, *, params: TokenParams = _NO_PARAMS) -> None:
         """After logout: stragglers holding this session's older refresh tokens must not be
