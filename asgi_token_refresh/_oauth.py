@@ -48,6 +48,9 @@ _AUTH_METHODS: frozenset[str] = frozenset({"client_secret_basic", "client_secret
 _TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
 # Used when a transient failure carries no Retry-After header.
 DEFAULT_RETRY_AFTER = 5.0
+# Idle connections are dropped before common server idle timeouts (uvicorn's 5 s): reusing one
+# the server is closing fails the refresh with a ReadError, and a refresh POST is not retried.
+_POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +481,8 @@ class OAuth2Client:
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
             transport = instrumented(
-                self._transport or httpx.AsyncHTTPTransport(), self.telemetry.tracer_provider
+                self._transport or httpx.AsyncHTTPTransport(limits=_POOL_LIMITS),
+                self.telemetry.tracer_provider,
             )
             self._http = httpx.AsyncClient(
                 transport=transport, timeout=self.timeout, follow_redirects=False
