@@ -812,7 +812,7 @@ class Server:
                 self.process.wait(timeout=5)
 
 
-def start_uvicorn(factory: str, workers: int, env: dict[str, str]) -> Server:
+def start_uvicorn(factory: str, workers: int, env: dict[str, str], *extra: str) -> Server:
     port = _free_port()
     command = [
         sys.executable,
@@ -833,6 +833,7 @@ def start_uvicorn(factory: str, workers: int, env: dict[str, str]) -> Server:
         "--no-access-log",
         "--timeout-graceful-shutdown",
         "5",
+        *extra,
     ]
     process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
         command,
@@ -1079,7 +1080,10 @@ async def bench_workers(
     servers: list[Server] = []
     driver: Driver | None = None
     try:
-        idp = start_uvicorn("idp_app", 1, env)
+        # A provider keeps idle connections longer than httpx's pool does (5 s). With uvicorn's
+        # default of 5 s too, a worker's connection idle since the previous round can be closed
+        # just as it is reused: a ReadError, answered 503 (see the reading in RESULTS.md).
+        idp = start_uvicorn("idp_app", 1, env, "--timeout-keep-alive", "75")
         servers.append(idp)
         wait_until_serving(idp, "/bench/stats", 1)
         env[ENV_IDP] = idp.url
