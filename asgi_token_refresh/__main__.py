@@ -11,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ._storm import StormReport, run_storm
+from ._storm import StormReport, run_storm, side_by_side
 
 __all__ = ["main"]
 
@@ -75,10 +75,8 @@ def _table(reports: Sequence[StormReport]) -> str:
         ("sessions revoked", [r.sessions_lost for r in reports]),
         ("user-visible failures", [r.failures for r in reports]),
     ]
-    header = f"{'':<24}" + "".join(f"{r.mode:>16}" for r in reports)
-    lines = [header, "-" * len(header)]
-    lines += [f"{label:<24}" + "".join(f"{v:>16,}" for v in values) for label, values in rows]
-    return "\n".join(lines)
+    formatted = [(label, [f"{v:,}" for v in values]) for label, values in rows]
+    return side_by_side([r.mode for r in reports], formatted)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,6 +33,7 @@ from ._ioloop import io_loop
 from ._oauth import OAuth2Client
 from ._refresher import Refresher
 from ._stores import MemorySessionStore, parse_cookie_header
+from ._storm import side_by_side
 from ._telemetry import (
     COMPONENT,
     DEDUPE,
@@ -345,7 +346,4 @@ def format_reports(reports: list[DemoReport]) -> str:
         ("latency p50", [f"{r.percentile(0.5) * 1000:.1f} ms" for r in reports]),
         ("latency p99", [f"{r.percentile(0.99) * 1000:.1f} ms" for r in reports]),
     ]
-    header = f"{'':<24}" + "".join(f"{r.mode:>16}" for r in reports)
-    lines = [header, "-" * len(header)]
-    lines += [f"{label:<24}" + "".join(f"{v:>16}" for v in values) for label, values in rows]
-    return "\n".join(lines)
+    return side_by_side([r.mode for r in reports], rows)

@@ -20,7 +20,7 @@ from ._refresher import Refresher
 from ._tokens import TokenSet
 from .testing import FakeClock, FakeIdP
 
-__all__ = ["StormReport", "run_storm"]
+__all__ = ["StormReport", "run_storm", "side_by_side"]
 
 _ISSUER = "https://idp.storm"
 
@@ -119,3 +119,11 @@ def run_storm(sessions: int = 50, callers: int = 20, rotations: int = 3) -> list
         asyncio.run(_storm(mode, sessions, callers, rotations))
         for mode in ("naive", "single-flight")
     ]
+
+
+def side_by_side(modes: list[str], rows: list[tuple[str, list[str]]]) -> str:
+    """A plain-text table: one column per mode, one labelled row per measure."""
+    header = f"{'':<24}" + "".join(f"{mode:>16}" for mode in modes)
+    lines = [header, "-" * len(header)]
+    lines += [f"{label:<24}" + "".join(f"{v:>16}" for v in values) for label, values in rows]
+    return "\n".join(lines)
