@@ -1,0 +1,355 @@
+"""The fake OAuth2/OIDC provider as an ASGI app: routing and the five endpoints.
+
+Discovery, ``/authorize``, ``/token`` (with scripted faults, the pause gate and latency),
+``/userinfo`` and ``/revoke``. What tokens exist and how they are issued, rotated and revoked
+lives in :mod:`._grants`; this module turns requests into calls on it and its answers into
+responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections import Counter, deque
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
+
+import httpx
+
+from .._clock import SYSTEM_CLOCK, Clock
+from ._faults import Fault, Gate, _fault_response
+from ._grants import _Code, _TokenIssuer
+from ._http import (
+    _error,
+    _json,
+    _lifespan,
+    _parse_form,
+    _read_body,
+    _Receive,
+    _Reject,
+    _Response,
+    _Scope,
+    _Send,
+    _send_response,
+)
+
+_SCOPES_SUPPORTED = ["openid", "profile", "email", "offline_access"]
+_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
+_ROUTES = {  # path under the issuer -> (endpoint name for calls(), allowed methods)
+    "/.well-known/openid-configuration": ("discovery", ("GET",)),
+    "/authorize": ("authorize", ("GET",)),
+    "/token": ("token", ("POST",)),
+    "/userinfo": ("userinfo", ("GET", "POST")),
+    "/revoke": ("revoke", ("POST",)),
+}
+_CODE_LIFETIME = 60.0  # seconds; RFC 6749 §4.1.2 asks for short-lived codes
+
+
+class FakeIdP(_TokenIssuer):
+    """An in-memory OAuth2/OIDC provider, as an ASGI app (asyncio). Thread-safe.
+
+    A token request is counted, takes the next scripted fault, parks at the gate if one is
+    set, then is answered. A reused refresh token within ``reuse_grace`` seconds (or the first
+    ``reuse_count`` times) gets the grant's current refresh token; beyond that it is
+    ``invalid_grant`` and, with ``revoke_on_reuse``, the whole grant dies. A replayed
+    authorization code is treated the same way (RFC 6749 §4.1.2).
+
+    ``close()`` releases parked requests and answers hung ones 503 ``temporarily_unavailable``
+    (to a client that already gave up, that answer is simply lost); later ``Fault.hang`` faults
+    answer that 503 at once. The IdP keeps serving otherwise.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str | None = "https://idp.test",
+        clock: Clock | None = None,
+        clients: Mapping[str, str | None] | None = None,
+        subject: str = "alice",
+        access_token_lifetime: float = 300.0,
+        rotate_refresh_tokens: bool = True,
+        reuse_grace: float = 0.0,
+        reuse_count: int = 0,
+        revoke_on_reuse: bool = True,
+        offline_access_requires_consent: bool = True,
+        latency: float = 0.0,
+    ) -> None:
+        self._issuer = issuer.rstrip("/") if issuer is not None else None
+        super().__init__(
+            issuer=self._issuer,
+            clock=clock if clock is not None else SYSTEM_CLOCK,
+            clients=dict(clients if clients is not None else {"app": "app-secret"}),
+            access_token_lifetime=access_token_lifetime,
+            rotate_refresh_tokens=rotate_refresh_tokens,
+            reuse_grace=reuse_grace,
+            reuse_count=reuse_count,
+            revoke_on_reuse=revoke_on_reuse,
+        )
+        self.subject = subject
+        self.offline_access_requires_consent = offline_access_requires_consent
+        self.latency = latency
+
+        self._faults: deque[Fault] = deque()
+        self._gate: Gate | None = None
+        self._hang_gate = Gate()  # hung requests park here until close()
+        self._calls: Counter[str] = Counter()
+        self._token_arrivals: Counter[str] = Counter()
+        self._token_outcomes: Counter[tuple[str, str]] = Counter()
+
+    # -- the test-facing API (grants_revoked, is_grant_active and issue() are in _grants) -----
+
+    @property
+    def issuer(self) -> str | None:
+        """The configured issuer, or with ``issuer=None`` the one last seen on a request."""
+        with self._lock:
+            return self._last_issuer
+
+    def transport(self) -> httpx.ASGITransport:
+        """An httpx transport into this app; use it with ``base_url=issuer``."""
+        return httpx.ASGITransport(app=self)
+
+    def script(self, *faults: Fault) -> None:
+        """Queue faults; each token request consumes the oldest one."""
+        with self._lock:
+            self._faults.extend(faults)
+
+    def pause_token_endpoint(self) -> Gate:
+        """Park every token request (after counting it) until the returned gate is released.
+
+        A previous gate is released.
+        """
+        gate = Gate()
+        with self._lock:
+            previous, self._gate = self._gate, gate
+        if previous is not None:
+            previous.release()
+        return gate
+
+    def close(self) -> None:
+        """Release every parked and hung request. Idempotent."""
+        with self._lock:
+            gate = self._gate
+        self._hang_gate.release()
+        if gate is not None:
+            gate.release()
+
+    def token_calls(self, grant_type: str | None = None, outcome: str | None = None) -> int:
+        """Token requests so far, by grant type and/or outcome (e.g. ``"fault:hang"``).
+
+        Without ``outcome`` a request counts on arrival; with it, once it has been decided.
+        """
+        with self._lock:
+            if outcome is None:
+                if grant_type is None:
+                    return self._calls["token"]
+                return self._token_arrivals[grant_type]
+            return sum(
+                n
+                for (g, o), n in self._token_outcomes.items()
+                if o == outcome and grant_type in (None, g)
+            )
+
+    def calls(self, endpoint: str) -> int:
+        """Requests to ``discovery``, ``authorize``, ``token``, ``userinfo`` or ``revoke``."""
+        with self._lock:
+            return self._calls[endpoint]
+
+    def __repr__(self) -> str:
+        with self._lock:
+            grants = {id(r.grant): r.grant for r in self._refresh.values()}
+            active = sum(g.active for g in grants.values())
+            return (
+                f"FakeIdP(issuer={self._last_issuer!r}, clients={sorted(self._clients)!r}, "
+                f"active_grants={active}, grants_revoked={self._grants_revoked})"
+            )
+
+    # -- ASGI ---------------------------------------------------------------------------------
+
+    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        issuer = self._issuer_for(scope)
+        path: str = scope["path"]
+        prefix = urlsplit(issuer).path
+        route = path[len(prefix) :] if path.startswith(prefix) else None
+        method: str = scope["method"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        body = await _read_body(receive)
+
+        endpoint, methods = _ROUTES.get(route or "", ("", ()))
+        if not endpoint:
+            response = _json(404, {"error": "not_found"})
+        elif method not in methods:
+            response = _Response(405, headers=(("allow", ", ".join(methods)),))
+        elif endpoint == "token":
+            response = await self._token_endpoint(headers, body)
+        else:
+            with self._lock:
+                self._calls[endpoint] += 1
+            if endpoint == "discovery":
+                response = _json(200, self._discovery(issuer))
+            elif endpoint == "authorize":
+                query = scope["query_string"].decode("latin-1")
+                response = self._authorize(dict(parse_qsl(query)))
+            elif endpoint == "userinfo":
+                response = self._userinfo(headers)
+            else:
+                response = self._revoke(headers, body)
+        await _send_response(send, response)
+
+    def _issuer_for(self, scope: _Scope) -> str:
+        if self._issuer is not None:
+            return self._issuer
+        host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
+        if host is None:
+            server_host, port = scope.get("server") or ("localhost", 80)
+            host = f"{server_host}:{port}"
+        issuer = f"{scope.get('scheme', 'http')}://{host}"
+        with self._lock:
+            self._last_issuer = issuer
+        return issuer
+
+    def _discovery(self, issuer: str) -> dict[str, Any]:
+        return {
+            "issuer": issuer,
+            "authorization_endpoint": f"{issuer}/authorize",
+            "token_endpoint": f"{issuer}/token",
+            "userinfo_endpoint": f"{issuer}/userinfo",
+            "revocation_endpoint": f"{issuer}/revoke",
+            "response_types_supported": ["code"],
+            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["HS256", "none"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": _AUTH_METHODS,
+            "revocation_endpoint_auth_methods_supported": _AUTH_METHODS,
+            "scopes_supported": _SCOPES_SUPPORTED,
+        }
+
+    # -- /authorize ---------------------------------------------------------------------------
+
+    def _authorize(self, query: dict[str, str]) -> _Response:
+        client_id = query.get("client_id", "")
+        redirect_uri = query.get("redirect_uri", "")
+        # RFC 6749 §4.1.2.1: never redirect to a URI we cannot trust; tell the browser instead.
+        if client_id not in self._clients:
+            return _json(400, {"error": "invalid_request", "error_description": "unknown client"})
+        if urlsplit(redirect_uri).scheme not in ("http", "https"):
+            return _json(400, {"error": "invalid_request", "error_description": "bad redirect_uri"})
+        state = query.get("state")
+
+        def redirect(params: dict[str, str]) -> _Response:
+            if state is not None:
+                params["state"] = state
+            sep = "&" if "?" in redirect_uri else "?"
+            location = redirect_uri + sep + urlencode(params)
+            return _Response(302, headers=(("location", location), ("cache-control", "no-store")))
+
+        challenge = query.get("code_challenge")
+        method = query.get("code_challenge_method")
+        problem = None
+        if query.get("response_type") != "code":
+            problem = ("unsupported_response_type", "only response_type=code is supported")
+        elif challenge is None and self._clients[client_id] is None:
+            problem = ("invalid_request", "public clients must use PKCE (S256)")
+        elif challenge is not None and method != "S256":
+            problem = ("invalid_request", "code_challenge_method must be S256")
+        if problem is not None:
+            return redirect({"error": problem[0], "error_description": problem[1]})
+
+        scopes = query.get("scope", "").split()
+        consented = "consent" in query.get("prompt", "").split()
+        if self.offline_access_requires_consent and not consented:
+            # OIDC Core §11: offline_access is ignored unless the user was asked for consent.
+            scopes = [s for s in scopes if s != "offline_access"]
+        code = "code_" + secrets.token_urlsafe(24)
+        with self._lock:
+            self._codes[code] = _Code(
+                client_id=client_id,
+                redirect_uri=redirect_uri,
+                subject=query.get("login_hint") or self.subject,
+                scope=" ".join(scopes),
+                nonce=query.get("nonce"),
+                challenge=challenge,
+                expires_at=self.clock.time() + _CODE_LIFETIME,
+            )
+        return redirect({"code": code})
+
+    # -- /token -------------------------------------------------------------------------------
+
+    async def _token_endpoint(self, headers: dict[str, str], body: bytes) -> _Response:
+        form = _parse_form(headers, body)
+        grant_type = form.get("grant_type", "") if form is not None else ""
+        with self._lock:
+            self._calls["token"] += 1
+            self._token_arrivals[grant_type] += 1
+            fault = self._faults.popleft() if self._faults else None
+            gate = self._gate
+        if gate is not None:
+            await gate._park()
+        if self.latency > 0:
+            await asyncio.sleep(self.latency)
+
+        if fault is not None and fault.name != "hang_after_consuming":
+            response, outcome = _fault_response(fault), f"fault:{fault.name}"
+        else:
+            with self._lock:
+                try:
+                    if form is None:
+                        raise _Reject("invalid_request", "expected a form-encoded body")
+                    answer, outcome = self._token(form, headers)
+                    response = _json(200, answer)
+                except _Reject as reject:
+                    response, outcome = _error(reject), reject.outcome
+            if fault is not None:
+                outcome = "fault:hang_after_consuming"
+        with self._lock:
+            self._token_outcomes[grant_type, outcome] += 1
+        if fault is not None and fault.name.startswith("hang"):
+            await self._hang_gate._park()
+            return _error(_Reject("temporarily_unavailable", "the IdP was closed", status=503))
+        return response
+
+    # -- /userinfo and /revoke ----------------------------------------------------------------
+
+    def _userinfo(self, headers: Mapping[str, str]) -> _Response:
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        with self._lock:
+            record = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
+            valid = (
+                record is not None
+                and not record.revoked
+                and record.grant.active
+                and self.clock.time() < record.expires_at
+            )
+        if record is None or not valid:
+            challenge = ("www-authenticate", 'Bearer error="invalid_token"')
+            body = {"error": "invalid_token", "error_description": "access token is not valid"}
+            return _json(401, body, challenge)
+        sub = record.grant.subject
+        return _json(200, {"sub": sub, "name": sub.title(), "email": f"{sub}@example.com"})
+
+    def _revoke(self, headers: Mapping[str, str], body: bytes) -> _Response:
+        form = _parse_form(headers, body)
+        with self._lock:
+            try:
+                if form is None:
+                    raise _Reject("invalid_request", "expected a form-encoded body")
+                client_id = self._authenticate(form, headers)
+                token = form.get("token")
+                if not token:
+                    raise _Reject("invalid_request", "token is missing")
+            except _Reject as reject:
+                return _error(reject)
+            # RFC 7009 §2.2: unknown tokens, or other clients' tokens, still get a 200.
+            refresh = self._refresh.get(token)
+            access = self._access.get(token)
+            if refresh is not None and refresh.grant.client_id == client_id:
+                self._revoke_grant(refresh.grant)
+            elif access is not None and access.grant.client_id == client_id:
+                access.revoked = True
+        return _Response(200)

@@ -1,0 +1,312 @@
+"""What the fake provider has issued, and its rules for issuing more.
+
+Clients, authorization codes, grants (token families) and the refresh and access tokens hanging
+off them, with the policies that matter in a refresh storm: rotation, Okta-style reuse grace,
+Keycloak-style reuse counts and revoking a whole family on reuse. No I/O here: the endpoints in
+:mod:`._fake_idp` hold ``_lock`` around every call and turn a ``_Reject`` into an answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import secrets
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote_plus
+
+from .._clock import Clock
+from ._http import _invalid_client, _Reject
+
+
+@dataclass(eq=False)
+class _Grant:
+    """One authorization (a token family): every refresh and access token hangs off it."""
+
+    client_id: str
+    subject: str
+    scope: str
+    nonce: str | None = None
+    refresh_token: str | None = None  # the current one
+    active: bool = True
+
+
+@dataclass(eq=False)
+class _RefreshRecord:
+    grant: _Grant
+    consumed_at: float | None = None  # monotonic time of rotation
+    reuses: int = 0
+
+
+@dataclass(eq=False)
+class _AccessRecord:
+    grant: _Grant
+    expires_at: float
+    revoked: bool = False
+
+
+@dataclass(eq=False)
+class _Code:
+    client_id: str
+    redirect_uri: str
+    subject: str
+    scope: str
+    nonce: str | None
+    challenge: str | None
+    expires_at: float
+    grant: _Grant | None = None  # set once exchanged
+
+
+class _TokenIssuer:
+    """The token side of :class:`~asgi_token_refresh.testing.FakeIdP`: its records and rules.
+
+    The public members are FakeIdP's questions about grants and take ``_lock``; the private
+    methods expect it to be held.
+    """
+
+    def __init__(
+        self,
+        *,
+        issuer: str | None,
+        clock: Clock,
+        clients: dict[str, str | None],
+        access_token_lifetime: float,
+        rotate_refresh_tokens: bool,
+        reuse_grace: float,
+        reuse_count: int,
+        revoke_on_reuse: bool,
+    ) -> None:
+        self._last_issuer = issuer  # what ID tokens name; FakeIdP learns it from requests
+        self.clock = clock
+        self._clients = clients
+        self.access_token_lifetime = access_token_lifetime
+        self.rotate_refresh_tokens = rotate_refresh_tokens
+        self.reuse_grace = reuse_grace
+        self.reuse_count = reuse_count
+        self.revoke_on_reuse = revoke_on_reuse
+
+        # Guards the records below, _last_issuer, and FakeIdP's counters, faults and gate.
+        self._lock = threading.Lock()
+        self._codes: dict[str, _Code] = {}
+        self._refresh: dict[str, _RefreshRecord] = {}
+        self._access: dict[str, _AccessRecord] = {}
+        self._grants_revoked = 0
+
+    # -- the test-facing API about grants (the rest is on FakeIdP) -----------------------------
+
+    @property
+    def grants_revoked(self) -> int:
+        """Grants revoked by reuse detection or by ``/revoke``."""
+        with self._lock:
+            return self._grants_revoked
+
+    def is_grant_active(self, refresh_token: str) -> bool:
+        """Whether the grant this refresh token belongs to is still alive."""
+        with self._lock:
+            record = self._refresh.get(refresh_token)
+            return record is not None and record.grant.active
+
+    def issue(
+        self,
+        subject: str = "alice",
+        *,
+        client_id: str = "app",
+        scope: str = "openid offline_access",
+    ) -> dict[str, Any]:
+        """Create a grant without the browser flow; returns the token-endpoint response body.
+
+        It is not counted as a token call. A refresh token comes only with ``offline_access``.
+        """
+        if client_id not in self._clients:
+            raise ValueError(f"unknown client_id {client_id!r}")
+        with self._lock:
+            grant = _Grant(client_id, subject, " ".join(scope.split()))
+            return self._grant_tokens(grant)
+
+    # -- the token endpoint's rules -----------------------------------------------------------
+
+    def _authenticate(self, form: Mapping[str, str], headers: Mapping[str, str]) -> str:
+        """The authenticated client_id (RFC 6749 §2.3.1), or raise ``invalid_client``."""
+        authorization = headers.get("authorization")
+        if authorization is not None:
+            scheme, _, credentials = authorization.partition(" ")
+            if scheme.lower() != "basic":
+                raise _invalid_client()
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+                raise _invalid_client() from None
+            raw_id, colon, raw_secret = decoded.partition(":")
+            if not colon:
+                raise _invalid_client()
+            # §2.3.1: id and secret are form-urlencoded before being put into Basic.
+            client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+            if "client_secret" in form:
+                raise _Reject("invalid_request", "more than one client authentication method")
+            if form.get("client_id", client_id) != client_id:
+                raise _invalid_client()
+        else:
+            client_id = form.get("client_id", "")
+            secret = form.get("client_secret", "")
+        if client_id not in self._clients:
+            raise _invalid_client()
+        expected = self._clients[client_id]
+        if expected is None:
+            ok = not secret
+        else:
+            ok = hmac.compare_digest(secret.encode(), expected.encode())
+        if not ok:
+            raise _invalid_client()
+        return client_id
+
+    def _token(
+        self, form: Mapping[str, str], headers: Mapping[str, str]
+    ) -> tuple[dict[str, Any], str]:
+        """The success body and outcome of a token request, or raise :class:`_Reject`."""
+        client_id = self._authenticate(form, headers)
+        grant_type = form.get("grant_type")
+        if grant_type == "authorization_code":
+            return self._exchange_code(client_id, form), "success"
+        if grant_type == "refresh_token":
+            return self._refresh_grant(client_id, form)
+        if grant_type == "client_credentials":
+            return self._client_credentials(client_id, form), "success"
+        if grant_type is None:
+            raise _Reject("invalid_request", "grant_type is missing")
+        raise _Reject("unsupported_grant_type", "grant_type is not supported")
+
+    def _exchange_code(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
+        code = self._codes.get(form.get("code", ""))
+        if code is None or code.client_id != client_id or code.expires_at <= self.clock.time():
+            raise _Reject("invalid_grant", "unknown or expired authorization code")
+        if code.grant is not None:
+            # RFC 6749 §4.1.2: a replayed code should revoke what it already produced.
+            if self.revoke_on_reuse and code.grant.active:
+                self._revoke_grant(code.grant)
+                raise _Reject("invalid_grant", "code already used", outcome="reuse_revoked")
+            raise _Reject("invalid_grant", "code already used")
+        if form.get("redirect_uri") != code.redirect_uri:
+            raise _Reject("invalid_grant", "redirect_uri does not match")
+        verifier = form.get("code_verifier")
+        # A verifier without a challenge is refused too (OAuth 2.1 PKCE downgrade protection).
+        if (code.challenge is None) != (verifier is None) or (
+            verifier is not None
+            and code.challenge is not None
+            and not hmac.compare_digest(_s256(verifier), code.challenge)
+        ):
+            raise _Reject("invalid_grant", "PKCE verification failed")
+        code.grant = _Grant(client_id, code.subject, code.scope, code.nonce)
+        return self._grant_tokens(code.grant)
+
+    def _refresh_grant(self, client_id: str, form: Mapping[str, str]) -> tuple[dict[str, Any], str]:
+        record = self._refresh.get(form.get("refresh_token", ""))
+        if record is None or record.grant.client_id != client_id or not record.grant.active:
+            raise _Reject("invalid_grant", "refresh token is invalid, expired or revoked")
+        grant = record.grant
+        scope = grant.scope
+        if "scope" in form:
+            requested = form["scope"].split()
+            if not set(requested) <= set(grant.scope.split()):
+                raise _Reject("invalid_scope", "scope exceeds the grant")
+            scope = " ".join(requested)
+        if not self.rotate_refresh_tokens:
+            return self._tokens(grant, scope, refresh_token=None), "success"
+
+        now = self.clock.monotonic()
+        if record.consumed_at is None:
+            record.consumed_at = now
+            grant.refresh_token = self._new_refresh_token(grant)
+            return self._tokens(grant, scope, refresh_token=grant.refresh_token), "success"
+        # A reused token: Okta-style grace first, then Keycloak-style count. Either way the
+        # client gets the grant's current refresh token, so the family stays a single chain.
+        in_grace = now - record.consumed_at < self.reuse_grace
+        if in_grace or record.reuses < self.reuse_count:
+            record.reuses += 0 if in_grace else 1
+            body = self._tokens(grant, scope, refresh_token=grant.refresh_token)
+            return body, "reuse_allowed"
+        if self.revoke_on_reuse:
+            self._revoke_grant(grant)
+            raise _Reject("invalid_grant", "refresh token reused", outcome="reuse_revoked")
+        raise _Reject("invalid_grant", "refresh token already used")
+
+    def _client_credentials(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
+        if self._clients[client_id] is None:
+            raise _Reject("unauthorized_client", "public clients cannot use client_credentials")
+        # A grant of its own, with the client as subject, so /revoke and /userinfo just work.
+        grant = _Grant(client_id, client_id, " ".join(form.get("scope", "").split()))
+        return self._tokens(grant, grant.scope, refresh_token=None)
+
+    def _grant_tokens(self, grant: _Grant) -> dict[str, Any]:
+        """First tokens of a new grant; a refresh token only with offline_access."""
+        if "offline_access" in grant.scope.split():
+            grant.refresh_token = self._new_refresh_token(grant)
+        return self._tokens(grant, grant.scope, refresh_token=grant.refresh_token)
+
+    def _tokens(self, grant: _Grant, scope: str, *, refresh_token: str | None) -> dict[str, Any]:
+        access_token = "at_" + secrets.token_urlsafe(24)
+        expires_at = self.clock.time() + self.access_token_lifetime
+        self._access[access_token] = _AccessRecord(grant, expires_at)
+        body: dict[str, Any] = {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": _number(self.access_token_lifetime),
+        }
+        if scope:
+            body["scope"] = scope
+        if refresh_token is not None:
+            body["refresh_token"] = refresh_token
+        if "openid" in scope.split():
+            body["id_token"] = self._id_token(grant)
+        return body
+
+    def _new_refresh_token(self, grant: _Grant) -> str:
+        token = "rt_" + secrets.token_urlsafe(32)
+        self._refresh[token] = _RefreshRecord(grant)
+        return token
+
+    def _id_token(self, grant: _Grant) -> str:
+        now = int(self.clock.time())
+        claims: dict[str, Any] = {
+            "iss": self._last_issuer or "http://localhost",
+            "sub": grant.subject,
+            "aud": grant.client_id,
+            "iat": now,
+            "exp": now + int(self.access_token_lifetime),
+        }
+        if grant.nonce is not None:
+            claims["nonce"] = grant.nonce
+        return _jwt(claims, self._clients[grant.client_id])
+
+    def _revoke_grant(self, grant: _Grant) -> None:
+        if grant.active:
+            grant.active = False
+            self._grants_revoked += 1
+
+
+def _number(value: float) -> float | int:
+    return int(value) if float(value).is_integer() else value
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _s256(verifier: str) -> str:
+    """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), no padding."""
+    return _b64url(hashlib.sha256(verifier.encode("ascii", "replace")).digest())
+
+
+def _jwt(claims: Mapping[str, Any], secret: str | None) -> str:
+    """An HS256 JWT keyed with the client secret; ``alg: none`` for public clients."""
+    header = {"alg": "HS256" if secret is not None else "none", "typ": "JWT"}
+    signing_input = ".".join(
+        _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
+    )
+    if secret is None:
+        return signing_input + "."
+    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + _b64url(signature)

@@ -1,0 +1,98 @@
+"""The little HTTP the fake provider speaks over ASGI: bodies, forms, OAuth errors, responses.
+
+Standard library only; no framework, so the fake provider runs wherever the library does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qsl
+
+_Scope = MutableMapping[str, Any]
+_Message = MutableMapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[_Message], Awaitable[None]]
+ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+
+
+class _Reject(Exception):
+    """An OAuth error answer (RFC 6749 §5.2), raised while handling a request."""
+
+    def __init__(
+        self, error: str, description: str, *, status: int = 400, outcome: str = ""
+    ) -> None:
+        super().__init__(error)
+        self.error = error
+        self.description = description
+        self.status = status
+        self.outcome = outcome or error
+
+
+def _invalid_client() -> _Reject:
+    return _Reject("invalid_client", "client authentication failed", status=401)
+
+
+@dataclass
+class _Response:
+    status: int
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    content_type: str = "text/plain"
+
+
+def _json(status: int, payload: Mapping[str, Any], *headers: tuple[str, str]) -> _Response:
+    # RFC 6749 §5.1: token answers must not be cached; harmless on the other endpoints.
+    headers = (("cache-control", "no-store"), ("pragma", "no-cache"), *headers)
+    return _Response(status, json.dumps(payload).encode(), headers, "application/json")
+
+
+def _error(reject: _Reject) -> _Response:
+    extra = [("www-authenticate", 'Basic realm="fake-idp"')] if reject.status == 401 else []
+    body = {"error": reject.error, "error_description": reject.description}
+    return _json(reject.status, body, *extra)
+
+
+def _parse_form(headers: Mapping[str, str], body: bytes) -> dict[str, str] | None:
+    """A form body as a dict; None when it is not one or repeats a parameter (RFC 6749 §3.1)."""
+    content_type = headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
+        return None
+    try:
+        pairs = parse_qsl(body.decode(), keep_blank_values=True)
+    except UnicodeDecodeError:
+        return None
+    form = dict(pairs)
+    return form if len(form) == len(pairs) else None
+
+
+async def _read_body(receive: _Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+async def _send_response(send: _Send, response: _Response) -> None:
+    headers = [(b"content-type", response.content_type.encode())]
+    headers += [(k.encode(), v.encode("latin-1")) for k, v in response.headers]
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _lifespan(receive: _Receive, send: _Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
