@@ -4,8 +4,9 @@ One token-endpoint call per grant, however many requests, tabs, threads or event
 access token expired at once; stragglers served from a grace cache; dead sessions cached as dead.
 """
 
-from ._accessor import SyncTokenAccessor, TokenAccessor
+from ._accessor import TokenAccessor
 from ._clock import Clock, SystemClock
+from ._cookie_store import CookieSessionStore
 from ._coordination import Coordinator, Lease, LocalCoordinator
 from ._errors import (
     ConfigurationError,
@@ -15,11 +16,15 @@ from ._errors import (
     TokenRefreshError,
 )
 from ._file_coordinator import FileCoordinator
-from ._httpx import BlockingTokens, MachineTokens, SessionTokens, TokenAuth, TokenSource
+from ._httpx import MachineTokens, SessionTokens, TokenAuth, TokenSource
+from ._keys import TokenParams
+from ._memory_store import MemorySessionStore
 from ._middleware import TokenRefreshMiddleware
-from ._oauth import AuthorizationRequest, OAuth2Client, ProviderMetadata
-from ._refresher import Refresher, TokenParams
-from ._stores import CookieSessionStore, MemorySessionStore, Session, SessionStore
+from ._oauth import OAuth2Client
+from ._oauth_messages import AuthorizationRequest, ProviderMetadata
+from ._refresher import Refresher
+from ._sessions import ServerSideStore, Session, SessionStore
+from ._sync import SyncRefresher, SyncTokenAccessor, SyncTokens
 from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
@@ -27,7 +32,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AuthorizationRequest",
-    "BlockingTokens",
     "Clock",
     "ConfigurationError",
     "CookieSessionStore",
@@ -42,10 +46,13 @@ __all__ = [
     "ReauthenticationRequired",
     "RefreshUnavailable",
     "Refresher",
+    "ServerSideStore",
     "Session",
     "SessionStore",
     "SessionTokens",
+    "SyncRefresher",
     "SyncTokenAccessor",
+    "SyncTokens",
     "SystemClock",
     "Telemetry",
     "TokenAccessor",

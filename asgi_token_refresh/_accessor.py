@@ -12,21 +12,23 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
+from ._cookies import parse_cookie_header
 from ._errors import ReauthenticationRequired, RefreshUnavailable
 from ._httpx import shared_client
-from ._ioloop import io_loop
-from ._refresher import Refresher, TokenParams
-from ._stores import Session, SessionStore, parse_cookie_header
+from ._keys import TokenParams
+from ._refresher import Refresher
+from ._sessions import ServerSideStore, Session, SessionStore
+from ._sync import SyncTokenAccessor
 from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, terminal_type
 from ._tokens import TokenSet
 
-__all__ = ["SyncTokenAccessor", "TokenAccessor"]
+__all__ = ["TokenAccessor"]
 
-logger = logging.getLogger("asgi_token_refresh")
+logger = logging.getLogger(__name__)
 
 _Scope = Mapping[str, Any]
 
@@ -48,6 +50,7 @@ class TokenAccessor:
         "_new_session",
         "_refresher",
         "_scope",
+        "_server_side",
         "_session",
         "_store",
         "_token_set",
@@ -59,9 +62,16 @@ class TokenAccessor:
         store: SessionStore,
         refresher: Refresher,
         anonymous: TokenParams | None = None,
+        *,
+        server_side: bool | None = None,
     ) -> None:
         self._scope = scope
         self._store = store
+        # Whether the store can be read and written without a response (the middleware
+        # works this out once, not per request).
+        self._server_side = (
+            isinstance(store, ServerSideStore) if server_side is None else server_side
+        )
         self._refresher = refresher
         self._anonymous = anonymous
         self._cookies: dict[str, str] | None = None
@@ -115,10 +125,17 @@ class TokenAccessor:
         token_set = self._token_set if self._loaded else await self._load()
         if token_set is None:
             return (await self._no_session("no_session")).access_token
-        if not self._refresher.refresh_due(token_set):
-            self._refresher.fresh_hits += 1
+        if self._refresher.serve_fresh(token_set):
             return token_set.access_token
-        return (await self._renew(token_set, None)).access_token
+        return (await self._replace(token_set, None)).access_token
+
+    def cached_fresh_token(self) -> str | None:
+        """The access token, if the session is already loaded and the token is fresh (counted
+        as a fresh-path hit); otherwise ``None``. Never awaits: the sync accessor's fast path."""
+        token_set = self._token_set
+        if self._loaded and token_set is not None and self._refresher.serve_fresh(token_set):
+            return token_set.access_token
+        return None
 
     async def headers(self) -> dict[str, str]:
         """``{"Authorization": "Bearer <fresh access token>"}``."""
@@ -127,33 +144,33 @@ class TokenAccessor:
         token_type = token_set.token_type if token_set is not None else "Bearer"
         return {"Authorization": f"{token_type} {token}"}
 
-    async def refresh(self, failed_access_token: str | None = None) -> str:
+    async def renew(self, failed_access_token: str | None = None) -> str:
         """Compare-and-refresh after an API rejected ``failed_access_token`` (default: the
         current one). Returns the newer token without a provider call if one is known."""
         token_set = self._token_set if self._loaded else await self._load()
         if token_set is None:
             return (await self._no_session("no_session")).access_token
         return (
-            await self._renew(token_set, failed_access_token or token_set.access_token)
+            await self._replace(token_set, failed_access_token or token_set.access_token)
         ).access_token
 
-    async def _renew(self, token_set: TokenSet, failed_access_token: str | None) -> TokenSet:
+    async def _replace(self, token_set: TokenSet, failed_access_token: str | None) -> TokenSet:
         store, session = self._store, self._session
-        server_side = store.server_side and session is not None
+        server_side = self._server_side and session is not None
         hooks: dict[str, Any] = {}
-        if server_side:
-            assert session is not None
-            hooks["current"] = functools.partial(store.read, session)
-            hooks["on_refreshed"] = functools.partial(store.persist, session)
+        if server_side and session is not None:
+            server_store = cast(ServerSideStore, store)
+            hooks["current"] = functools.partial(server_store.read, session)
+            hooks["on_refreshed"] = functools.partial(server_store.persist, session)
         try:
             if failed_access_token is None:
                 new = await self._refresher.ensure_fresh(token_set, **hooks)
             else:
-                new = await self._refresher.refresh(
+                new = await self._refresher.renew(
                     token_set, failed_access_token=failed_access_token, **hooks
                 )
         except ReauthenticationRequired as exc:
-            self._clear()
+            self.clear_session()
             return await self._no_session(exc.reason, exc)
         if new is not token_set:
             self._token_set = new
@@ -214,7 +231,7 @@ class TokenAccessor:
         """End the session: revoke the refresh token at the provider (RFC 7009), clear the
         store and refuse stragglers still holding older refresh tokens."""
         token_set = await self._load()
-        self._clear()
+        self.clear_session()
         if token_set is None or token_set.refresh_token is None:
             return
         self._refresher.forget(token_set)
@@ -225,7 +242,9 @@ class TokenAccessor:
                 # The session is gone here either way; the provider lets the grant expire.
                 logger.warning("could not revoke the refresh token at logout: %s", exc)
 
-    def _clear(self) -> None:
+    def clear_session(self) -> None:
+        """Forget this session's tokens, without revoking them (the middleware does it on a
+        terminal failure); the store is cleared when the response starts."""
         self._token_set = None
         self._changed = True
         self._new_session = False
@@ -237,8 +256,8 @@ class TokenAccessor:
         """Whether :meth:`commit` has anything to write."""
         return self._changed
 
-    def seal(self) -> list[str]:
-        """Mark the response as started with nothing to write (the cheap :meth:`commit`)."""
+    def mark_response_started(self) -> list[str]:
+        """The cheap :meth:`commit`, when nothing :attr:`changed`: no store call, no await."""
         self._committed = True
         return []
 
@@ -260,39 +279,3 @@ class TokenAccessor:
     def sync(self) -> SyncTokenAccessor:
         """The same accessor for sync endpoints running in a worker thread."""
         return SyncTokenAccessor(self)
-
-
-class SyncTokenAccessor:
-    """Blocking twin of :class:`TokenAccessor` for code in a worker thread (never in a loop)."""
-
-    __slots__ = ("_accessor",)
-
-    def __init__(self, accessor: TokenAccessor) -> None:
-        self._accessor = accessor
-
-    @property
-    def refresher(self) -> Refresher:
-        return self._accessor.refresher
-
-    @property
-    def telemetry(self) -> Telemetry:
-        return self._accessor.telemetry
-
-    def get(self) -> str:
-        accessor = self._accessor
-        token_set = accessor._token_set if accessor._loaded else io_loop.run_sync(accessor._load())
-        if token_set is not None and not accessor._refresher.refresh_due(token_set):
-            return token_set.access_token
-        return io_loop.run_sync(accessor.get())
-
-    def headers(self) -> dict[str, str]:
-        return io_loop.run_sync(self._accessor.headers())
-
-    def token_set(self) -> TokenSet | None:
-        return io_loop.run_sync(self._accessor.token_set())
-
-    def is_authenticated(self) -> bool:
-        return io_loop.run_sync(self._accessor.is_authenticated())
-
-    def refresh(self, failed_access_token: str | None = None) -> str:
-        return io_loop.run_sync(self._accessor.refresh(failed_access_token))

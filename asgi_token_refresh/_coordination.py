@@ -1,10 +1,10 @@
 """Coordinators: one flight per grant across processes and hosts.
 
 The refresher first deduplicates inside the process; the one local flight per grant then asks
-its coordinator before calling the provider. The protocol is four steps — try to lead (which
-also finds a result another process already published), publish, release, wait — plus
-``lookup`` for a follower that woke up. :class:`LocalCoordinator`, the default, always lets
-the local flight lead and costs nothing. ``RedisCoordinator`` (``asgi_token_refresh.redis``)
+its coordinator before calling the provider. The protocol is four steps: try to lead (which
+also finds a result another process already published), publish, release, wait.
+:class:`LocalCoordinator`, the default, always lets the local flight lead and costs nothing.
+``RedisCoordinator`` (``asgi_token_refresh.redis``)
 and :class:`FileCoordinator` share results between processes, sealed so that neither Redis
 nor the disk ever holds a plaintext token.
 """
@@ -43,7 +43,11 @@ class Lease:
 
 @runtime_checkable
 class Coordinator(Protocol):
-    """Decides which process calls the token endpoint for a grant; the others wait for it."""
+    """Decides which process calls the token endpoint for a grant; the others wait for it.
+
+    Ordinary async code, called on the event loop of the flight's leader: keep loop-bound
+    clients in a :class:`PerLoop`. ``docs/extending.md`` walks through writing one.
+    """
 
     #: A short label for logs and the ``coordinator`` metric attribute.
     name: str
@@ -63,10 +67,6 @@ class Coordinator(Protocol):
 
     async def release(self, lease: Lease) -> None:
         """Give the lease up without an outcome (the next process will try itself)."""
-        ...
-
-    async def lookup(self, key: str) -> Published | None:
-        """The published outcome for ``key``, if any."""
         ...
 
     async def wait(self, key: str, timeout: float) -> Published | None:  # noqa: ASYNC109
@@ -93,9 +93,6 @@ class LocalCoordinator:
         return None
 
     async def release(self, lease: Lease) -> None:
-        return None
-
-    async def lookup(self, key: str) -> Published | None:
         return None
 
     async def wait(self, key: str, timeout: float) -> Published | None:  # noqa: ASYNC109

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from ._cookies import parse_cookie_header
 from ._errors import RefreshUnavailable, TokenEndpointError
-from ._ioloop import io_loop
+from ._memory_store import MemorySessionStore
 from ._oauth import OAuth2Client
 from ._refresher import Refresher
-from ._stores import MemorySessionStore, parse_cookie_header
 from ._storm import side_by_side
 from ._telemetry import (
     COMPONENT,
@@ -122,6 +122,7 @@ def _build_app(mode: str, idp: FakeIdP, client: OAuth2Client, telemetry: Telemet
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         await naive.http.aclose()
+        await client.aclose()  # the provider pool of this loop
 
     async def naive_login(request: Request) -> Response:
         session_id = naive.login(idp.issue(request.query_params["user"]))
@@ -144,7 +145,7 @@ class _NaiveSessions:
         self.telemetry = telemetry
         self.sessions: dict[str, TokenSet] = {}
         self.last_refresh: dict[str, float] = {}
-        self._attributes = {PROVIDER: client.name}
+        self.metric_attributes = {PROVIDER: client.name}
         self.http = httpx.AsyncClient(base_url=client.issuer or "")
         # Requests served with the stored token, reported as the library's fresh-path counter.
         self.fresh_hits = 0
@@ -163,7 +164,8 @@ class _NaiveSessions:
         token_set = self.sessions.get(session_id or "")
         if session_id is None or token_set is None:
             return JSONResponse({"error": "no session"}, status_code=401)
-        if token_set.refresh_due(self.client.clock.time(), 60.0):
+        # the hand-rolled check: refresh a minute early (at most half the lifetime)
+        if self.client.clock.time() >= token_set.expires_at - min(60.0, token_set.lifetime / 2):
             try:
                 token_set = await self._refresh(session_id, token_set)
             except TokenEndpointError:
@@ -178,7 +180,7 @@ class _NaiveSessions:
         return JSONResponse(answer.json(), status_code=answer.status_code)
 
     async def _refresh(self, session_id: str, token_set: TokenSet) -> TokenSet:
-        telemetry, attributes = self.telemetry, self._attributes
+        telemetry, attributes = self.telemetry, self.metric_attributes
         telemetry.token_requests.add(1, {DEDUPE: "leader", **attributes})
         now = time.monotonic()
         if session_id in self.last_refresh:
@@ -226,8 +228,7 @@ def _stack(mode: str, config: DemoConfig, telemetry: Telemetry) -> Iterator[tupl
             with serve(_build_app(mode, idp, client, telemetry), host=config.host) as app_url:
                 yield app_url, idp
         finally:
-            idp.close()
-            io_loop.run_sync(client.aclose())
+            idp.close()  # the client's pool closed with the app's loop (lifespan shutdown)
 
 
 async def _storm(

@@ -80,6 +80,7 @@ class ReauthenticationRequired(TokenRefreshError):
 
     def __init__(self, reason: str, detail: str | None = None) -> None:
         self.reason = reason
+        self.detail = detail
         super().__init__(
             f"reauthentication required: {reason}" + (f" ({detail})" if detail else "")
         )
@@ -95,5 +96,6 @@ class RefreshUnavailable(TokenRefreshError):
     def __init__(self, reason: str, *, retry_after: float, detail: str | None = None) -> None:
         self.reason = reason
         self.retry_after = retry_after
+        self.detail = detail
         message = f"token refresh unavailable: {reason}, retry after {retry_after:g}s"
         super().__init__(message + (f" ({detail})" if detail else ""))

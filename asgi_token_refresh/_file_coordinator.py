@@ -25,14 +25,14 @@ import stat
 import sys
 import tempfile
 import threading
-import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from ._clock import SYSTEM_CLOCK, Clock
 from ._coordination import Lease, Published, decode_outcome, encode_outcome
 from ._errors import ConfigurationError
-from ._ioloop import reset_after_fork
 from ._sealing import Sealer
 
 if sys.platform != "win32":
@@ -80,6 +80,7 @@ class FileCoordinator:
         *,
         secret_keys: Sequence[str | bytes],
         poll_interval: float = 0.02,
+        clock: Clock | None = None,
     ) -> None:
         if sys.platform == "win32":  # pragma: no cover - no flock there
             raise ConfigurationError("FileCoordinator needs POSIX flock; use RedisCoordinator")
@@ -94,6 +95,8 @@ class FileCoordinator:
         self._locks = _private_directory(self.directory / "locks", shared_parent=False)
         self._database = self.directory / "results.sqlite3"
         self.poll_interval = poll_interval
+        # Wall time: results expire at the same instant for every process on the host.
+        self._clock = clock or SYSTEM_CLOCK
         # Leases held by this process: owner -> (key, fd of the locked file). Touched from the
         # pool's threads, hence the mutex.
         self._mutex = threading.Lock()
@@ -101,7 +104,8 @@ class FileCoordinator:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._next_sweep = 0.0
         self._initialize()
-        reset_after_fork(self)
+        after_fork = weakref.WeakMethod(self._after_fork_in_child)
+        os.register_at_fork(after_in_child=lambda: _call_if_alive(after_fork))
 
     def __repr__(self) -> str:
         return f"FileCoordinator(directory={str(self.directory)!r})"
@@ -109,7 +113,7 @@ class FileCoordinator:
     def grant_key(self, *parts: str | None) -> str:
         return self._sealer.name("grant", *parts)
 
-    # -- the Coordinator protocol (on the I/O loop; the work runs on the pool) ----------------
+    # -- the Coordinator protocol (on the caller's loop; the work runs on the pool) -----------
 
     async def try_lead(self, key: str, ttl: float) -> Lease | Published | None:
         future = self._submit(self._try_lead, _checked(key))
@@ -128,9 +132,6 @@ class FileCoordinator:
 
     async def release(self, lease: Lease) -> None:
         await asyncio.shield(self._submit(self._release, lease))
-
-    async def lookup(self, key: str) -> Published | None:
-        return await self._submit(self._lookup, _checked(key))
 
     async def wait(self, key: str, timeout: float) -> Published | None:  # noqa: ASYNC109
         key = _checked(key)
@@ -187,7 +188,7 @@ class FileCoordinator:
 
     def _read(self, db: sqlite3.Connection, key: str) -> Published | None:
         row = db.execute(
-            "SELECT sealed FROM results WHERE key = ? AND expires_at > ?", (key, time.time())
+            "SELECT sealed FROM results WHERE key = ? AND expires_at > ?", (key, self._clock.time())
         ).fetchone()
         return None if row is None else decode_outcome(self._sealer, key, bytes(row[0]))
 
@@ -225,7 +226,7 @@ class FileCoordinator:
             self._pool.submit(self._release, lease)
 
     def _publish(self, lease: Lease, sealed: bytes, ttl: float) -> None:
-        now = time.time()
+        now = self._clock.time()
         try:
             with contextlib.closing(self._connect()) as db:
                 db.execute("BEGIN IMMEDIATE")
@@ -323,6 +324,12 @@ class FileCoordinator:
         self._held = {}
         self._mutex = threading.Lock()
         self._pool = None  # its threads stayed in the parent
+
+
+def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
+    bound = method()
+    if bound is not None:
+        bound()
 
 
 def _checked(key: str) -> str:

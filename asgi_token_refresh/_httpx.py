@@ -9,27 +9,27 @@ carries no user state (the lesson of CVE-2024-51987).
 
 from __future__ import annotations
 
-import asyncio
 import inspect
-import weakref
 from collections.abc import AsyncGenerator, Generator
 from typing import Any, Literal, Protocol
 
 import httpx
 
 from ._errors import ConfigurationError, ReauthenticationRequired
-from ._ioloop import io_loop
+from ._keys import TokenParams
 from ._oauth import instrumented
-from ._refresher import Refresher, TokenParams
+from ._per_loop import PerLoop
+from ._refresher import Refresher
+from ._sync import SyncTokens
 from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, default_telemetry
 from ._tokens import TokenSet
 
 __all__ = [
-    "BlockingTokens",
     "MachineTokens",
     "SessionTokens",
     "TokenAuth",
     "TokenSource",
+    "close_shared_pool",
     "shared_client",
 ]
 
@@ -40,10 +40,10 @@ class TokenSource(Protocol):
 
     def get(self) -> Any: ...
 
-    def refresh(self, failed_access_token: str | None = None) -> Any: ...
+    def renew(self, failed_access_token: str | None = None) -> Any: ...
 
 
-class _Refresh:
+class _Renew:
     """What the flow yields to ask its shell for a new token after ``failed`` was rejected."""
 
     __slots__ = ("failed",)
@@ -52,7 +52,7 @@ class _Refresh:
         self.failed = failed
 
 
-_Step = Generator["httpx.Request | _Refresh", "httpx.Response | str", None]
+_Step = Generator["httpx.Request | _Renew", "httpx.Response | str", None]
 
 
 class TokenAuth(httpx.Auth):
@@ -100,7 +100,7 @@ class TokenAuth(httpx.Auth):
             return
         if not isinstance(request.stream, httpx.ByteStream):
             return  # a streamed body was consumed: it cannot be sent again
-        new_token = yield _Refresh(token)
+        new_token = yield _Renew(token)
         assert isinstance(new_token, str)
         request.headers["Authorization"] = f"Bearer {new_token}"
         response = yield request
@@ -123,8 +123,8 @@ class TokenAuth(httpx.Auth):
         step = next(flow)
         try:
             while True:
-                if isinstance(step, _Refresh):
-                    step = flow.send(self.source.refresh(step.failed))
+                if isinstance(step, _Renew):
+                    step = flow.send(self.source.renew(step.failed))
                 else:
                     step = flow.send((yield step))
         except StopIteration:
@@ -139,8 +139,8 @@ class TokenAuth(httpx.Auth):
         step = next(flow)
         try:
             while True:
-                if isinstance(step, _Refresh):
-                    step = flow.send(await self.source.refresh(step.failed))
+                if isinstance(step, _Renew):
+                    step = flow.send(await self.source.renew(step.failed))
                 else:
                     step = flow.send((yield step))
         except StopIteration:
@@ -188,16 +188,16 @@ class SessionTokens:
         self.token_set = await self.refresher.ensure_fresh(self.token_set, **self._hooks)
         return self.token_set.access_token
 
-    async def refresh(self, failed_access_token: str | None = None) -> str:
-        self.token_set = await self.refresher.refresh(
+    async def renew(self, failed_access_token: str | None = None) -> str:
+        self.token_set = await self.refresher.renew(
             self.token_set, failed_access_token=failed_access_token, **self._hooks
         )
         return self.token_set.access_token
 
     @property
-    def sync(self) -> BlockingTokens:
+    def sync(self) -> SyncTokens:
         """This source for a sync ``httpx.Client`` in a worker thread."""
-        return BlockingTokens(self)
+        return SyncTokens(self)
 
 
 class MachineTokens:
@@ -214,30 +214,16 @@ class MachineTokens:
     async def get(self) -> str:
         return (await self.refresher.client_credentials(self.params)).access_token
 
-    async def refresh(self, failed_access_token: str | None = None) -> str:
+    async def renew(self, failed_access_token: str | None = None) -> str:
         token_set = await self.refresher.client_credentials(
             self.params, failed_access_token=failed_access_token
         )
         return token_set.access_token
 
     @property
-    def sync(self) -> BlockingTokens:
+    def sync(self) -> SyncTokens:
         """This source for a sync ``httpx.Client`` in a worker thread."""
-        return BlockingTokens(self)
-
-
-class BlockingTokens:
-    """The blocking form of an async token source, for threads without an event loop."""
-
-    def __init__(self, source: SessionTokens | MachineTokens) -> None:
-        self.source = source
-        self.telemetry = source.telemetry
-
-    def get(self) -> str:
-        return io_loop.run_sync(self.source.get())
-
-    def refresh(self, failed_access_token: str | None = None) -> str:
-        return io_loop.run_sync(self.source.refresh(failed_access_token))
+        return SyncTokens(self)
 
 
 # -- per-request clients over a shared pool -----------------------------------------------------
@@ -256,16 +242,13 @@ class _Shared(httpx.AsyncBaseTransport):
         pass  # owned by the process (or by whoever passed it in), not by one request
 
 
-# A connection pool belongs to one event loop, so there is one per loop (and tracer provider).
-_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[int, _Shared]] = (
-    weakref.WeakKeyDictionary()
-)
+# A connection pool belongs to one event loop: one per loop (and tracer provider).
+_pools: PerLoop[dict[int, _Shared]] = PerLoop(dict)
 
 
 async def close_shared_pool() -> None:
     """Close the running loop's shared pool (the middleware does it at lifespan shutdown)."""
-    by_provider = _pools.pop(asyncio.get_running_loop(), {})
-    for shared in by_provider.values():
+    for shared in (_pools.pop() or {}).values():
         await shared.inner.aclose()
 
 
@@ -281,7 +264,7 @@ def shared_client(source: TokenSource, telemetry: Telemetry, **options: Any) -> 
     if transport is not None:
         shared = _Shared(instrumented(transport, telemetry.tracer_provider))
     else:
-        by_provider = _pools.setdefault(asyncio.get_running_loop(), {})
+        by_provider = _pools.get()
         pooled = by_provider.get(id(telemetry.tracer_provider))
         if pooled is None:
             pool = instrumented(httpx.AsyncHTTPTransport(), telemetry.tracer_provider)

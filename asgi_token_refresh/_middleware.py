@@ -15,9 +15,11 @@ from typing import Any
 from ._accessor import TokenAccessor
 from ._errors import ConfigurationError, ReauthenticationRequired, RefreshUnavailable
 from ._httpx import close_shared_pool
+from ._keys import TokenParams
+from ._memory_store import MemorySessionStore
 from ._oauth import OAuth2Client
-from ._refresher import Refresher, TokenParams
-from ._stores import MemorySessionStore, SessionStore
+from ._refresher import Refresher
+from ._sessions import ServerSideStore, SessionStore
 
 __all__ = ["TokenRefreshMiddleware"]
 
@@ -73,6 +75,7 @@ class TokenRefreshMiddleware:
         self.app = app
         self.refresher = refresher
         self.store = store
+        self._server_side = isinstance(store, ServerSideStore)
         self.state_key = state_key
         self._redirect: str | None = None
         self._raise = on_terminal == "raise"
@@ -91,12 +94,14 @@ class TokenRefreshMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await self.app(scope, receive, _closing_pool_at_shutdown(send))
+            await self.app(scope, receive, self._closing_pools_at_shutdown(send))
             return
         if scope["type"] != "http" and scope["type"] != "websocket":
             await self.app(scope, receive, send)
             return
-        accessor = TokenAccessor(scope, self.store, self.refresher, self._anonymous)
+        accessor = TokenAccessor(
+            scope, self.store, self.refresher, self._anonymous, server_side=self._server_side
+        )
         scope.setdefault("state", {})[self.state_key] = accessor
         started = False
 
@@ -105,7 +110,11 @@ class TokenRefreshMiddleware:
             if message["type"] in ("http.response.start", "websocket.accept") and not started:
                 started = True
                 # Most requests change nothing: then no store call, not even an await.
-                cookies = await accessor.commit() if accessor.changed else accessor.seal()
+                cookies = (
+                    await accessor.commit()
+                    if accessor.changed
+                    else accessor.mark_response_started()
+                )
                 if cookies:
                     headers = list(message.get("headers", ()))
                     headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
@@ -123,11 +132,25 @@ class TokenRefreshMiddleware:
                 raise
             await self._answer_unavailable(scope, exc, send_with_session)
 
+    def _closing_pools_at_shutdown(self, send: Send) -> Send:
+        """Pass lifespan messages through; close this loop's connection pools (the provider's
+        and the per-request clients') just before reporting shutdown complete: after that
+        the server may stop the loop at once."""
+        client = self.refresher.client
+
+        async def send_after_closing(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await close_shared_pool()
+                await client.aclose()
+            await send(message)
+
+        return send_after_closing
+
     async def _answer_terminal(
         self, scope: Scope, exc: ReauthenticationRequired, send: Send
     ) -> None:
         accessor: TokenAccessor = scope["state"][self.state_key]
-        accessor._clear()
+        accessor.clear_session()
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008, "reason": TERMINAL_ERROR_CODE})
             return
@@ -145,18 +168,6 @@ class TokenRefreshMiddleware:
         retry_after = str(max(1, math.ceil(exc.retry_after))).encode()
         body = {"error": UNAVAILABLE_ERROR_CODE, "reason": exc.reason}
         await _respond(send, 503, _json(body), [(b"retry-after", retry_after)])
-
-
-def _closing_pool_at_shutdown(send: Send) -> Send:
-    """Pass lifespan messages through; close this loop's shared connection pool just before
-    reporting shutdown complete (after that the server may stop the loop at once)."""
-
-    async def send_after_closing(message: Message) -> None:
-        if message["type"] == "lifespan.shutdown.complete":
-            await close_shared_pool()
-        await send(message)
-
-    return send_after_closing
 
 
 def _json(body: dict[str, str]) -> bytes:

@@ -1,244 +1,44 @@
 """OAuth2Client: one exchange with the provider, no caching, no locks.
 
 The module is split the way golang.org/x/oauth2 splits its fetcher: pure functions build every
-request and parse every response (unit-tested without a transport), and a thin async layer sends
-them with httpx. All network I/O runs on the library's I/O loop (see ``_ioloop``), so one client
-can be used from any event loop or thread. Caching and single-flight live in ``_refresher``.
+request and parse every response (``_oauth_messages``), and this thin async layer sends them
+with httpx. The connection pool is kept per event loop (``PerLoop``), so one client can be
+used from any loop or thread. Caching and single-flight live in ``_refresher``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import email.utils
-import hashlib
-import json
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
-from urllib.parse import quote_plus, urlencode, urlsplit
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
-from ._ioloop import io_loop, reset_after_fork
+from ._oauth_messages import (
+    AUTH_METHODS,
+    DEFAULT_RETRY_AFTER,
+    AuthorizationRequest,
+    ClientAuthMethod,
+    ProviderMetadata,
+    TokenRequest,
+    build_authorization_url,
+    build_token_request,
+    raise_for_token_response,
+)
+from ._per_loop import PerLoop
 from ._telemetry import Telemetry, default_telemetry
 from ._tokens import TokenSet
 
-__all__ = [
-    "AuthorizationRequest",
-    "ClientAuthMethod",
-    "OAuth2Client",
-    "ProviderMetadata",
-    "TokenRequest",
-    "build_authorization_url",
-    "build_token_request",
-    "pkce_challenge",
-    "raise_for_token_response",
-    "retry_after_seconds",
-]
+__all__ = ["OAuth2Client", "instrumented"]
 
-ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
-_AUTH_METHODS: frozenset[str] = frozenset({"client_secret_basic", "client_secret_post", "none"})
-
-# Error codes some providers send with 4xx/5xx to mean "try later", not "this grant is bad".
-_TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
-# Used when a transient failure carries no Retry-After header.
-DEFAULT_RETRY_AFTER = 5.0
 # Idle connections are dropped before common server idle timeouts (uvicorn's 5 s): reusing one
 # the server is closing fails the refresh with a ReadError, and a refresh POST is not retried.
 _POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderMetadata:
-    """The endpoints of a provider, given explicitly or read from OIDC discovery."""
-
-    token_endpoint: str
-    authorization_endpoint: str | None = None
-    revocation_endpoint: str | None = None
-    userinfo_endpoint: str | None = None
-    issuer: str | None = None
-
-    @classmethod
-    def from_discovery_document(cls, body: bytes, *, issuer: str) -> ProviderMetadata:
-        """Parse ``/.well-known/openid-configuration`` and check it names ``issuer``."""
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ConfigurationError(f"discovery document of {issuer} is not JSON") from None
-        if not isinstance(doc, Mapping):
-            raise ConfigurationError(f"discovery document of {issuer} is not a JSON object")
-        # OpenID Connect Discovery §4.3: the issuer must be exactly the one we asked for.
-        if str(doc.get("issuer", "")).rstrip("/") != issuer.rstrip("/"):
-            raise ConfigurationError(
-                f"discovery document names issuer {doc.get('issuer')!r}, expected {issuer!r}"
-            )
-
-        def url(name: str) -> str | None:
-            value = doc.get(name)
-            if value is None:
-                return None
-            if not isinstance(value, str) or urlsplit(value).scheme not in ("http", "https"):
-                raise ConfigurationError(f"discovery field {name} of {issuer} is not a URL")
-            return value
-
-        token_endpoint = url("token_endpoint")
-        if token_endpoint is None:
-            raise ConfigurationError(f"discovery document of {issuer} has no token_endpoint")
-        return cls(
-            token_endpoint=token_endpoint,
-            authorization_endpoint=url("authorization_endpoint"),
-            revocation_endpoint=url("revocation_endpoint"),
-            userinfo_endpoint=url("userinfo_endpoint"),
-            issuer=issuer,
-        )
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class TokenRequest:
-    """A POST to a token or revocation endpoint, fully built. ``repr`` shows no values."""
-
-    url: str
-    form: dict[str, str]
-    headers: dict[str, str] = field(default_factory=dict)
-
-    def __repr__(self) -> str:
-        return f"TokenRequest(url={self.url!r}, fields={sorted(self.form)!r})"
-
-
-@dataclass(frozen=True, slots=True, repr=False)
-class AuthorizationRequest:
-    """Where to send the browser, and what the callback must check (keep it server-side or in
-    an encrypted cookie: ``code_verifier`` is a secret)."""
-
-    url: str
-    state: str
-    nonce: str | None
-    code_verifier: str
-    redirect_uri: str
-
-    def __repr__(self) -> str:
-        return f"AuthorizationRequest(url={self.url.split('?')[0]!r}, ...)"
-
-
-def pkce_challenge(verifier: str) -> str:
-    """RFC 7636 S256: BASE64URL(SHA256(verifier)) without padding."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
-
-
-def build_authorization_url(
-    authorization_endpoint: str,
-    *,
-    client_id: str,
-    redirect_uri: str,
-    scope: str,
-    state: str,
-    code_verifier: str,
-    nonce: str | None = None,
-    prompt: str | None = None,
-    extra: Mapping[str, str] | None = None,
-) -> str:
-    """The authorization-code request URL (RFC 6749 §4.1.1) with PKCE S256 (RFC 7636)."""
-    params = {
-        "response_type": "code",
-        "client_id": client_id,
-        "redirect_uri": redirect_uri,
-        "scope": scope,
-        "state": state,
-        "code_challenge": pkce_challenge(code_verifier),
-        "code_challenge_method": "S256",
-    }
-    if nonce is not None:
-        params["nonce"] = nonce
-    if prompt is not None:
-        params["prompt"] = prompt
-    params.update(extra or {})
-    separator = "&" if urlsplit(authorization_endpoint).query else "?"
-    return authorization_endpoint + separator + urlencode(params)
-
-
-def build_token_request(
-    url: str,
-    grant: Mapping[str, str | None],
-    *,
-    client_id: str,
-    client_secret: str | None,
-    auth_method: ClientAuthMethod,
-) -> TokenRequest:
-    """Add client authentication (RFC 6749 §2.3.1) to a grant's form fields.
-
-    ``None`` values are dropped, so callers can pass optional parameters unconditionally.
-    """
-    form = {k: v for k, v in grant.items() if v is not None}
-    headers = {"Accept": "application/json"}
-    if auth_method == "client_secret_basic":
-        # §2.3.1: id and secret are form-urlencoded *before* base64 — many clients forget.
-        raw = f"{quote_plus(client_id)}:{quote_plus(client_secret or '')}".encode()
-        headers["Authorization"] = "Basic " + base64.b64encode(raw).decode("ascii")
-    elif auth_method == "client_secret_post":
-        form["client_id"] = client_id
-        form["client_secret"] = client_secret or ""
-    else:
-        form["client_id"] = client_id
-    return TokenRequest(url=url, form=form, headers=headers)
-
-
-def retry_after_seconds(value: str | None, *, now: float) -> float | None:
-    """Parse ``Retry-After`` (delta-seconds or HTTP-date, RFC 9110 §10.2.3) into seconds."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - now)
-
-
-def raise_for_token_response(
-    status: int, headers: Mapping[str, str], body: bytes, *, now: float
-) -> None:
-    """Raise the right error for a non-2xx token or revocation endpoint response.
-
-    The decision is made on the OAuth ``error`` field, not on the status: Auth0 answers
-    ``invalid_grant`` with 403, oidc-provider with 400, and ``invalid_client`` may come as 401.
-    429, 5xx and the transient error codes raise :class:`RefreshUnavailable`.
-    """
-    if 200 <= status < 300:
-        return
-    error, description, uri = "invalid_response", None, None
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        payload = None
-    if isinstance(payload, Mapping) and isinstance(payload.get("error"), str):
-        error = payload["error"]
-        description = payload.get("error_description")
-        uri = payload.get("error_uri")
-        description = description if isinstance(description, str) else None
-        uri = uri if isinstance(uri, str) else None
-    retry_after = retry_after_seconds(headers.get("retry-after"), now=now)
-    endpoint_error = TokenEndpointError(
-        error,
-        status=status,
-        error_description=description,
-        error_uri=uri,
-        retry_after=retry_after,
-    )
-    if status == 429 or status >= 500 or error in _TRANSIENT_ERRORS:
-        raise RefreshUnavailable(
-            "provider_error",
-            retry_after=DEFAULT_RETRY_AFTER if retry_after is None else retry_after,
-            detail=f"HTTP {status} {error}",
-        ) from endpoint_error
-    raise endpoint_error
 
 
 class OAuth2Client:
@@ -247,8 +47,9 @@ class OAuth2Client:
 
     Build it with explicit endpoints or with :meth:`from_discovery` (the document is fetched on
     first use and cached). Pass ``transport`` (e.g. ``FakeIdP.transport()``) or a whole
-    ``http_client`` to control the HTTP layer; either is used only from the library's I/O loop.
-    The secret never appears in ``repr`` or errors.
+    ``http_client`` to control the HTTP layer. Without ``http_client`` each event loop gets its
+    own pool; a passed ``http_client`` is used as is, so it must belong to the one loop the app
+    runs on. The secret never appears in ``repr`` or errors.
     """
 
     def __init__(
@@ -272,9 +73,9 @@ class OAuth2Client:
     ) -> None:
         if not client_id:
             raise ConfigurationError("client_id is required")
-        if auth_method not in _AUTH_METHODS:
+        if auth_method not in AUTH_METHODS:
             raise ConfigurationError(
-                f"auth_method must be one of {sorted(_AUTH_METHODS)}, not {auth_method!r}"
+                f"auth_method must be one of {sorted(AUTH_METHODS)}, not {auth_method!r}"
             )
         if auth_method != "none" and not client_secret:
             raise ConfigurationError(f"auth_method {auth_method!r} needs a client_secret")
@@ -309,14 +110,15 @@ class OAuth2Client:
                 userinfo_endpoint=userinfo_endpoint,
                 issuer=issuer,
             )
-        # Discovery runs once; concurrent first callers share it. Created on the I/O loop.
-        self._discovery: asyncio.Future[ProviderMetadata] | None = None
+        # Each loop's pool (unless http_client was passed), made on first use there.
+        self._pools: PerLoop[httpx.AsyncClient] = PerLoop(self._new_pool)
+        # Discovery runs once; concurrent first callers on one loop share it.
+        self._discovery: PerLoop[dict[str, asyncio.Future[ProviderMetadata]]] = PerLoop(dict)
         #: Identifies (provider, client) in cache keys, logs and the ``provider`` attribute.
         self.provider_url: str = issuer or token_endpoint or ""
         self.name: str = name or urlsplit(self.provider_url).hostname or "oauth2"
         #: Spans and metrics; Refreshers built on this client share it unless given their own.
         self.telemetry = telemetry or default_telemetry()
-        reset_after_fork(self)
 
     @classmethod
     def from_discovery(cls, issuer: str, *, client_id: str, **options: Any) -> OAuth2Client:
@@ -346,19 +148,16 @@ class OAuth2Client:
         """The provider's endpoints, discovering them on first use."""
         if self._metadata is not None:
             return self._metadata
-        return await io_loop.run(self._discover())
-
-    async def _discover(self) -> ProviderMetadata:
-        if self._metadata is not None:
-            return self._metadata
-        if self._discovery is None:
-            self._discovery = asyncio.ensure_future(self._fetch_discovery())
+        pending = self._discovery.get()
+        discovery = pending.get("discovery")
+        if discovery is None:
+            discovery = pending["discovery"] = asyncio.ensure_future(self._fetch_discovery())
         try:
             # shield: one impatient caller must not cancel discovery for everyone else.
-            self._metadata = await asyncio.shield(self._discovery)
+            self._metadata = await asyncio.shield(discovery)
         except BaseException:
-            if self._discovery.done():
-                self._discovery = None  # failures are not cached: the next caller retries
+            if discovery.done():
+                pending.pop("discovery", None)  # failures are not cached: the next one retries
             raise
         return self._metadata
 
@@ -402,7 +201,7 @@ class OAuth2Client:
             "resource": resource,
             "audience": audience,
         }
-        return await io_loop.run(self._token(grant, previous))
+        return await self._token(grant, previous)
 
     async def client_credentials(
         self,
@@ -418,7 +217,7 @@ class OAuth2Client:
             "resource": resource,
             "audience": audience,
         }
-        return await io_loop.run(self._token(grant, None))
+        return await self._token(grant, None)
 
     async def authorization_url(
         self,
@@ -466,39 +265,29 @@ class OAuth2Client:
             "redirect_uri": redirect_uri,
             "code_verifier": code_verifier,
         }
-        return await io_loop.run(self._token(grant, None))
+        return await self._token(grant, None)
 
     async def revoke(self, token: str, *, token_type_hint: str = "refresh_token") -> None:
         """Revoke a token (RFC 7009). A provider without a revocation endpoint is a no-op."""
-        await io_loop.run(self._revoke(token, token_type_hint))
+        await self._revoke(token, token_type_hint)
 
     async def aclose(self) -> None:
-        """Close the HTTP client this object created (not one that was passed in)."""
-        await io_loop.run(self._aclose())
+        """Close the running loop's pool (not an ``http_client`` that was passed in)."""
+        pool = self._pools.pop()
+        if pool is not None:
+            await pool.aclose()
 
-    # -- I/O (runs on the I/O loop) ------------------------------------------------------------
+    # -- I/O ------------------------------------------------------------------------------------
 
     def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            transport = instrumented(
-                self._transport or httpx.AsyncHTTPTransport(limits=_POOL_LIMITS),
-                self.telemetry.tracer_provider,
-            )
-            self._http = httpx.AsyncClient(
-                transport=transport, timeout=self.timeout, follow_redirects=False
-            )
-        return self._http
+        return self._http if self._http is not None else self._pools.get()
 
-    async def _aclose(self) -> None:
-        if self._http is not None and self._owns_http:
-            await self._http.aclose()
-            self._http = None
-
-    def _after_fork_in_child(self) -> None:
-        # The pool's connections and the discovery future belong to the parent's I/O loop.
-        self._discovery = None
-        if self._owns_http:
-            self._http = None
+    def _new_pool(self) -> httpx.AsyncClient:
+        transport = instrumented(
+            self._transport or httpx.AsyncHTTPTransport(limits=_POOL_LIMITS),
+            self.telemetry.tracer_provider,
+        )
+        return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
 
     async def _post(self, request: TokenRequest) -> httpx.Response:
         try:
@@ -514,7 +303,7 @@ class OAuth2Client:
             ) from None
 
     async def _token(self, grant: Mapping[str, str | None], previous: TokenSet | None) -> TokenSet:
-        metadata = await self._discover()
+        metadata = await self.metadata()
         request = build_token_request(
             metadata.token_endpoint,
             grant,
@@ -537,7 +326,7 @@ class OAuth2Client:
             raise
 
     async def _revoke(self, token: str, token_type_hint: str) -> None:
-        metadata = await self._discover()
+        metadata = await self.metadata()
         if metadata.revocation_endpoint is None:
             return
         request = build_token_request(

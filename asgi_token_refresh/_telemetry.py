@@ -12,16 +12,19 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import weakref
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Protocol
 
+from cachetools import TTLCache
 from opentelemetry import metrics, trace
+
+from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
     from opentelemetry.trace import TracerProvider
 
-__all__ = ["Telemetry", "default_telemetry"]
+__all__ = ["FlightRecorder", "Telemetry", "default_telemetry", "flight_outcome"]
 
 SCOPE = "asgi_token_refresh"
 
@@ -72,9 +75,14 @@ def _version() -> str:
         return "0"
 
 
-class _FreshCounting(Protocol):
-    fresh_hits: int
-    _attributes: dict[str, str]
+class FreshCounting(Protocol):
+    """Something that counts fresh-path hits in a plain int (no SDK call per request)."""
+
+    @property
+    def fresh_hits(self) -> int: ...
+
+    @property
+    def metric_attributes(self) -> Mapping[str, str]: ...
 
 
 class Telemetry:
@@ -134,7 +142,7 @@ class Telemetry:
             "Coordinator (Redis, file) failures; flights fall back to local coordination",
         )
         # Weak: a global meter must not keep every Refresher (and its caches) alive.
-        self._fresh_sources: weakref.WeakSet[_FreshCounting] = weakref.WeakSet()
+        self._fresh_sources: weakref.WeakSet[FreshCounting] = weakref.WeakSet()
         meter.create_observable_counter(
             TOKEN_FRESH,
             [self._observe_fresh],
@@ -142,7 +150,7 @@ class Telemetry:
             "Token requests answered on the fresh path, without refresh",
         )
 
-    def observe_fresh(self, source: _FreshCounting) -> None:
+    def observe_fresh(self, source: FreshCounting) -> None:
         """Report ``source.fresh_hits`` (a plain running count) as the fresh-path counter."""
         self._fresh_sources.add(source)
 
@@ -151,16 +159,129 @@ class Telemetry:
 
         totals: dict[tuple[tuple[str, str], ...], int] = {}
         for source in list(self._fresh_sources):
-            labels = tuple(sorted(source._attributes.items()))
+            labels = tuple(sorted(source.metric_attributes.items()))
             totals[labels] = totals.get(labels, 0) + source.fresh_hits
         return [Observation(count, dict(labels)) for labels, count in totals.items()]
-
-    def link_to(self, span: Any) -> Sequence[trace.Link]:
-        context = span.get_span_context() if span is not None else None
-        return [trace.Link(context)] if context is not None and context.is_valid else []
 
 
 @functools.cache
 def default_telemetry() -> Telemetry:
     """The process-wide Telemetry on the global providers (an SDK may be set up later)."""
     return Telemetry()
+
+
+_TERMINAL_CODES = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+_DEDUPE_PATHS = ("leader", "joined", "grace_cache", "negative_cache", "distributed")
+
+
+def flight_outcome(error: BaseException | None) -> str:
+    """The bounded ``outcome`` attribute of a flight."""
+    if error is None:
+        return "success"
+    if isinstance(error, ReauthenticationRequired):
+        return "invalid_grant" if error.reason == "invalid_grant" else "invalid_client"
+    if isinstance(error, TokenEndpointError) and error.error in _TERMINAL_CODES:
+        # a refused client-credentials grant: the client, not a session, is the problem
+        return "invalid_grant" if error.error == "invalid_grant" else "invalid_client"
+    if isinstance(error, RefreshUnavailable) and error.reason in ("timeout", "network_error"):
+        return error.reason
+    return "provider_error"
+
+
+def mark_failed(span: trace.Span, error: BaseException) -> None:
+    outcome = flight_outcome(error)
+    span.set_attribute(ERROR_TYPE, outcome)
+    span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+
+
+class FlightRecorder:
+    """What one refresher reports, with its attribute sets built once (a storm records one
+    per caller). Every caller that needed a new token gets an ``acquire`` span and a
+    ``token.requests`` point by how it was served; every flight a ``refresh`` span."""
+
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        provider: str,
+        monotonic: Callable[[], float],
+        max_entries: int = 50_000,
+    ) -> None:
+        self.telemetry = telemetry
+        self.attributes = {PROVIDER: provider}
+        self._monotonic = monotonic
+        self._dedupe = {path: {DEDUPE: path, PROVIDER: provider} for path in _DEDUPE_PATHS}
+        self._flight = {
+            grant: {GRANT: grant, PROVIDER: provider}
+            for grant in ("refresh_token", "client_credentials")
+        }
+        # When each grant was last refreshed, by the key of the refresh token it got then.
+        # Feeds the refresh.interval histogram (storms show as short intervals).
+        self._refreshed_at: TTLCache[bytes, float] = TTLCache(
+            max_entries, 24 * 3600, timer=monotonic
+        )
+
+    def served(self, path: str) -> trace.Span:
+        """Count a caller that needed a new token and start its span, by how it is served.
+
+        The span is not made current: nothing runs inside it but a wait, and skipping the
+        context switch keeps a 10,000-caller storm cheap to release.
+        """
+        attributes = self._dedupe[path]
+        self.telemetry.token_requests.add(1, attributes)
+        return self.telemetry.tracer.start_span(SPAN_ACQUIRE, attributes=attributes)
+
+    def refused(self, error: BaseException) -> None:
+        span = self.served("negative_cache")
+        mark_failed(span, error)
+        span.end()
+
+    def start_flight(self, grant: str, leader: trace.Span) -> trace.Span:
+        """The flight's span: a child of the leader's; it ends when the flight lands."""
+        context = trace.set_span_in_context(leader)
+        return self.telemetry.tracer.start_span(
+            SPAN_REFRESH, context=context, attributes=self._flight[grant]
+        )
+
+    def in_flight(self, delta: int) -> None:
+        self.telemetry.active.add(delta, self.attributes)
+
+    def coordinator_error(self, coordinator: str) -> None:
+        self.telemetry.coordinator_errors.add(
+            1, {COORDINATOR: coordinator, PROVIDER: self.attributes[PROVIDER]}
+        )
+
+    def landed(
+        self,
+        span: trace.Span | None,
+        grant: str,
+        *,
+        called_provider: bool,
+        error: BaseException | None,
+        seconds: float,
+        waiters: int,
+        rotated: bool,
+        rotation: tuple[bytes, bytes | None] | None,
+    ) -> None:
+        """Record a flight that landed. ``rotation``: the keys of the refresh token it spent
+        and of the one it got, when the provider issued a refresh-token grant."""
+        telemetry, attributes = self.telemetry, self.attributes
+        outcome = flight_outcome(error)
+        telemetry.waiters.record(waiters, attributes)
+        if called_provider:
+            telemetry.refreshes.add(1, {OUTCOME: outcome, GRANT: grant, **attributes})
+            telemetry.duration.record(seconds, {OUTCOME: outcome, **attributes})
+        if rotation is not None:
+            spent, got = rotation
+            now = self._monotonic()
+            previous = self._refreshed_at.pop(spent, None)
+            if previous is not None:
+                telemetry.interval.record(now - previous, attributes)
+            if got is not None:
+                self._refreshed_at[got] = now
+        if span is None:
+            return
+        span.set_attributes({OUTCOME: outcome, ROTATED: rotated, WAITERS: waiters})
+        if error is not None:
+            span.set_attribute(ERROR_TYPE, outcome)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+        span.end()

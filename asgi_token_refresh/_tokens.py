@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping
@@ -16,6 +17,11 @@ __all__ = ["TokenSet"]
 _KNOWN_FIELDS = frozenset(
     {"access_token", "refresh_token", "id_token", "token_type", "expires_in", "scope"}
 )
+
+
+# Not a secret: every process must derive the same fraction. The key only separates this use
+# of the hash from any other.
+_JITTER_KEY = b"asgi-token-refresh/jitter/v1"
 
 
 def _invalid(description: str) -> TokenEndpointError:
@@ -38,19 +44,26 @@ class TokenSet:
     token_type: str = "Bearer"
     scope: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    # Cache of jitter_fraction (-1: not computed yet); not part of the value.
+    _jitter: float = field(default=-1.0, init=False, repr=False, compare=False, hash=False)
 
     @property
     def lifetime(self) -> float:
         """Seconds between issue and expiry."""
         return self.expires_at - self.issued_at
 
-    def refresh_due(self, now: float, skew: float) -> bool:
-        """Whether the access token should be replaced at wall time ``now``.
-
-        ``skew`` is clamped to half the lifetime, so a 60 s skew never makes a 90 s token look
-        permanently stale.
-        """
-        return now >= self.expires_at - min(skew, self.lifetime / 2)
+    @property
+    def jitter_fraction(self) -> float:
+        """A number in [0, 1) fixed by this generation's refresh token (its access token when
+        there is none): the same in every process and on every host, so workers agree when a
+        session is due, yet different between sessions, so their refreshes spread apart."""
+        fraction = self._jitter
+        if fraction < 0:
+            secret = (self.refresh_token or self.access_token).encode()
+            digest = hashlib.blake2b(secret, digest_size=2, key=_JITTER_KEY).digest()
+            fraction = int.from_bytes(digest, "big") / 65536.0
+            object.__setattr__(self, "_jitter", fraction)
+        return fraction
 
     @classmethod
     def from_token_response(

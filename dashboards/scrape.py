@@ -96,7 +96,6 @@ def scrape() -> Scrape:
     from prometheus_client import CollectorRegistry, generate_latest
 
     from asgi_token_refresh import OAuth2Client, Telemetry
-    from asgi_token_refresh._ioloop import io_loop
     from asgi_token_refresh.testing import FakeClock, FakeIdP
 
     registry = CollectorRegistry()
@@ -117,20 +116,25 @@ def scrape() -> Scrape:
         telemetry=telemetry,
     )
     try:
-        asyncio.run(_storm(client, idp, clock))
+        asyncio.run(_storm_then_close(client, idp, clock))
         text = generate_latest(registry).decode()
         instruments = _instruments(otel)
     finally:
         idp.close()
-        io_loop.run_sync(client.aclose())
         meter_provider.shutdown()
         tracer_provider.shutdown()
     return Scrape(text, instruments)
 
 
+async def _storm_then_close(client: Any, idp: Any, clock: Any) -> None:
+    try:
+        await _storm(client, idp, clock)
+    finally:
+        await client.aclose()  # this loop's connection pool; the loop ends with asyncio.run
+
+
 async def _storm(client: Any, idp: Any, clock: Any) -> None:
-    from asgi_token_refresh import Refresher, TokenSet
-    from asgi_token_refresh._errors import TokenRefreshError
+    from asgi_token_refresh import Refresher, TokenRefreshError, TokenSet
     from asgi_token_refresh.testing import Fault
 
     refresher = Refresher(client, jitter=0)
@@ -147,13 +151,13 @@ async def _storm(client: Any, idp: Any, clock: Any) -> None:
     gate = idp.pause_token_endpoint()  # hold the flight until every caller has joined it
     callers = [asyncio.create_task(refresher.ensure_fresh(session)) for _ in range(10)]
     await gate.arrived(1)
-    await _until(lambda: _waiting(refresher) == len(callers))
+    await _until(lambda: refresher.waiting == len(callers))
     gate.release()
     renewed = (await asyncio.gather(*callers))[0]
     for _ in range(3):  # stragglers holding the old refresh token: grace cache
         await refresher.ensure_fresh(session)
     clock.advance(3)  # the API rejects the new token at once: compare-and-refresh
-    renewed = await refresher.refresh(renewed, failed_access_token=renewed.access_token)
+    renewed = await refresher.renew(renewed, failed_access_token=renewed.access_token)
     clock.advance(300)
     idp.script(Fault.unavailable(retry_after=7))  # a transient failure, then its negative cache
     for _ in range(2):
@@ -271,11 +275,6 @@ async def _through_the_middleware(refresher: Any, idp: Any, clock: Any) -> None:
         idp.script(Fault.invalid_grant())
         await other.get("/token")  # invalid_grant (asgi); the session is cleared
         await other.get("/token")  # no_session (asgi)
-
-
-def _waiting(refresher: Any) -> int:
-    with refresher._lock:
-        return sum(len(flight.waiters) for flight in refresher._flights.values())
 
 
 async def _until(condition: Any) -> None:

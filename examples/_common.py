@@ -45,7 +45,7 @@ from asgi_token_refresh import (
     TokenEndpointError,
     TokenSet,
 )
-from asgi_token_refresh._sealing import Sealer
+from asgi_token_refresh.kit import Sealer
 from asgi_token_refresh.testing import FakeIdP
 
 logger = logging.getLogger("examples")
@@ -417,7 +417,7 @@ class OIDC:
             response = await self.http.get(endpoint, headers=headers)
             if response.status_code == 401:  # revoked early, or our clock is off
                 failed = headers["Authorization"].partition(" ")[2]
-                await token.refresh(failed_access_token=failed)
+                await token.renew(failed_access_token=failed)
                 response = await self.http.get(endpoint, headers=await token.headers())
                 if response.status_code == 401:
                     raise ReauthenticationRequired("downstream_401")  # the middleware: 401

@@ -18,20 +18,20 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 import httpx
 
 from .._clock import SYSTEM_CLOCK, Clock
-from ._faults import Fault, Gate, _fault_response
-from ._grants import _Code, _TokenIssuer
+from ._faults import Fault, Gate, fault_response
+from ._grants import Code, TokenIssuer
 from ._http import (
-    _error,
-    _json,
-    _lifespan,
-    _parse_form,
-    _read_body,
-    _Receive,
-    _Reject,
-    _Response,
-    _Scope,
-    _Send,
-    _send_response,
+    Receive,
+    Reject,
+    Response,
+    Scope,
+    Send,
+    error_response,
+    json_response,
+    lifespan,
+    parse_form,
+    read_body,
+    send_response,
 )
 
 _SCOPES_SUPPORTED = ["openid", "profile", "email", "offline_access"]
@@ -46,7 +46,7 @@ _ROUTES = {  # path under the issuer -> (endpoint name for calls(), allowed meth
 _CODE_LIFETIME = 60.0  # seconds; RFC 6749 §4.1.2 asks for short-lived codes
 
 
-class FakeIdP(_TokenIssuer):
+class FakeIdP(TokenIssuer):
     """An in-memory OAuth2/OIDC provider, as an ASGI app (asyncio). Thread-safe.
 
     A token request is counted, takes the next scripted fault, parks at the gate if one is
@@ -166,9 +166,9 @@ class FakeIdP(_TokenIssuer):
 
     # -- ASGI ---------------------------------------------------------------------------------
 
-    async def __call__(self, scope: _Scope, receive: _Receive, send: _Send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
@@ -178,20 +178,20 @@ class FakeIdP(_TokenIssuer):
         route = path[len(prefix) :] if path.startswith(prefix) else None
         method: str = scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        body = await _read_body(receive)
+        body = await read_body(receive)
 
         endpoint, methods = _ROUTES.get(route or "", ("", ()))
         if not endpoint:
-            response = _json(404, {"error": "not_found"})
+            response = json_response(404, {"error": "not_found"})
         elif method not in methods:
-            response = _Response(405, headers=(("allow", ", ".join(methods)),))
+            response = Response(405, headers=(("allow", ", ".join(methods)),))
         elif endpoint == "token":
             response = await self._token_endpoint(headers, body)
         else:
             with self._lock:
                 self._calls[endpoint] += 1
             if endpoint == "discovery":
-                response = _json(200, self._discovery(issuer))
+                response = json_response(200, self._discovery(issuer))
             elif endpoint == "authorize":
                 query = scope["query_string"].decode("latin-1")
                 response = self._authorize(dict(parse_qsl(query)))
@@ -199,9 +199,9 @@ class FakeIdP(_TokenIssuer):
                 response = self._userinfo(headers)
             else:
                 response = self._revoke(headers, body)
-        await _send_response(send, response)
+        await send_response(send, response)
 
-    def _issuer_for(self, scope: _Scope) -> str:
+    def _issuer_for(self, scope: Scope) -> str:
         if self._issuer is not None:
             return self._issuer
         host = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"host"), None)
@@ -232,22 +232,26 @@ class FakeIdP(_TokenIssuer):
 
     # -- /authorize ---------------------------------------------------------------------------
 
-    def _authorize(self, query: dict[str, str]) -> _Response:
+    def _authorize(self, query: dict[str, str]) -> Response:
         client_id = query.get("client_id", "")
         redirect_uri = query.get("redirect_uri", "")
         # RFC 6749 §4.1.2.1: never redirect to a URI we cannot trust; tell the browser instead.
         if client_id not in self._clients:
-            return _json(400, {"error": "invalid_request", "error_description": "unknown client"})
+            return json_response(
+                400, {"error": "invalid_request", "error_description": "unknown client"}
+            )
         if urlsplit(redirect_uri).scheme not in ("http", "https"):
-            return _json(400, {"error": "invalid_request", "error_description": "bad redirect_uri"})
+            return json_response(
+                400, {"error": "invalid_request", "error_description": "bad redirect_uri"}
+            )
         state = query.get("state")
 
-        def redirect(params: dict[str, str]) -> _Response:
+        def redirect(params: dict[str, str]) -> Response:
             if state is not None:
                 params["state"] = state
             sep = "&" if "?" in redirect_uri else "?"
             location = redirect_uri + sep + urlencode(params)
-            return _Response(302, headers=(("location", location), ("cache-control", "no-store")))
+            return Response(302, headers=(("location", location), ("cache-control", "no-store")))
 
         challenge = query.get("code_challenge")
         method = query.get("code_challenge_method")
@@ -268,7 +272,7 @@ class FakeIdP(_TokenIssuer):
             scopes = [s for s in scopes if s != "offline_access"]
         code = "code_" + secrets.token_urlsafe(24)
         with self._lock:
-            self._codes[code] = _Code(
+            self._codes[code] = Code(
                 client_id=client_id,
                 redirect_uri=redirect_uri,
                 subject=query.get("login_hint") or self.subject,
@@ -281,8 +285,8 @@ class FakeIdP(_TokenIssuer):
 
     # -- /token -------------------------------------------------------------------------------
 
-    async def _token_endpoint(self, headers: dict[str, str], body: bytes) -> _Response:
-        form = _parse_form(headers, body)
+    async def _token_endpoint(self, headers: dict[str, str], body: bytes) -> Response:
+        form = parse_form(headers, body)
         grant_type = form.get("grant_type", "") if form is not None else ""
         with self._lock:
             self._calls["token"] += 1
@@ -291,32 +295,35 @@ class FakeIdP(_TokenIssuer):
             gate = self._gate
         if gate is not None:
             await gate._park()
-        if self.latency > 0:
-            await asyncio.sleep(self.latency)
+        # Always at least one suspension, as over a network: an in-process provider that
+        # answered without yielding would serialise concurrent callers and hide every storm.
+        await asyncio.sleep(self.latency)
 
         if fault is not None and fault.name != "hang_after_consuming":
-            response, outcome = _fault_response(fault), f"fault:{fault.name}"
+            response, outcome = fault_response(fault), f"fault:{fault.name}"
         else:
             with self._lock:
                 try:
                     if form is None:
-                        raise _Reject("invalid_request", "expected a form-encoded body")
+                        raise Reject("invalid_request", "expected a form-encoded body")
                     answer, outcome = self._token(form, headers)
-                    response = _json(200, answer)
-                except _Reject as reject:
-                    response, outcome = _error(reject), reject.outcome
+                    response = json_response(200, answer)
+                except Reject as reject:
+                    response, outcome = error_response(reject), reject.outcome
             if fault is not None:
                 outcome = "fault:hang_after_consuming"
         with self._lock:
             self._token_outcomes[grant_type, outcome] += 1
         if fault is not None and fault.name.startswith("hang"):
             await self._hang_gate._park()
-            return _error(_Reject("temporarily_unavailable", "the IdP was closed", status=503))
+            return error_response(
+                Reject("temporarily_unavailable", "the IdP was closed", status=503)
+            )
         return response
 
     # -- /userinfo and /revoke ----------------------------------------------------------------
 
-    def _userinfo(self, headers: Mapping[str, str]) -> _Response:
+    def _userinfo(self, headers: Mapping[str, str]) -> Response:
         scheme, _, token = headers.get("authorization", "").partition(" ")
         with self._lock:
             record = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
@@ -329,22 +336,22 @@ class FakeIdP(_TokenIssuer):
         if record is None or not valid:
             challenge = ("www-authenticate", 'Bearer error="invalid_token"')
             body = {"error": "invalid_token", "error_description": "access token is not valid"}
-            return _json(401, body, challenge)
+            return json_response(401, body, challenge)
         sub = record.grant.subject
-        return _json(200, {"sub": sub, "name": sub.title(), "email": f"{sub}@example.com"})
+        return json_response(200, {"sub": sub, "name": sub.title(), "email": f"{sub}@example.com"})
 
-    def _revoke(self, headers: Mapping[str, str], body: bytes) -> _Response:
-        form = _parse_form(headers, body)
+    def _revoke(self, headers: Mapping[str, str], body: bytes) -> Response:
+        form = parse_form(headers, body)
         with self._lock:
             try:
                 if form is None:
-                    raise _Reject("invalid_request", "expected a form-encoded body")
+                    raise Reject("invalid_request", "expected a form-encoded body")
                 client_id = self._authenticate(form, headers)
                 token = form.get("token")
                 if not token:
-                    raise _Reject("invalid_request", "token is missing")
-            except _Reject as reject:
-                return _error(reject)
+                    raise Reject("invalid_request", "token is missing")
+            except Reject as reject:
+                return error_response(reject)
             # RFC 7009 §2.2: unknown tokens, or other clients' tokens, still get a 200.
             refresh = self._refresh.get(token)
             access = self._access.get(token)
@@ -352,4 +359,4 @@ class FakeIdP(_TokenIssuer):
                 self._revoke_grant(refresh.grant)
             elif access is not None and access.grant.client_id == client_id:
                 access.revoked = True
-        return _Response(200)
+        return Response(200)

@@ -1,6 +1,6 @@
 """Scripted misbehaviour of the fake provider's token endpoint, and the gate that parks requests.
 
-A :class:`Fault` is what one token request gets instead of a normal answer (``_fault_response``
+A :class:`Fault` is what one token request gets instead of a normal answer (``fault_response``
 builds it); a :class:`Gate` holds token requests until the test releases them, so concurrency
 can be lined up without sleeping. Both are queued or installed through
 :class:`~asgi_token_refresh.testing.FakeIdP`.
@@ -13,7 +13,7 @@ import contextlib
 import threading
 from dataclasses import dataclass
 
-from ._http import _error, _invalid_client, _Reject, _Response
+from ._http import Reject, Response, error_response, invalid_client
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,18 +69,18 @@ class Fault:
         return cls("invalid_client", 401)
 
 
-def _fault_response(fault: Fault) -> _Response:
+def fault_response(fault: Fault) -> Response:
     retry = (("retry-after", str(fault.retry_after)),) if fault.retry_after is not None else ()
     if fault.name == "malformed":
-        return _Response(200, b"<html><body>Bad Gateway</body></html>", (), "application/json")
+        return Response(200, b"<html><body>Bad Gateway</body></html>", (), "application/json")
     if fault.name == "invalid_grant":
-        return _error(
-            _Reject("invalid_grant", "refresh token is invalid or expired", status=fault.status)
+        return error_response(
+            Reject("invalid_grant", "refresh token is invalid or expired", status=fault.status)
         )
     if fault.name == "invalid_client":
-        return _error(_invalid_client())
+        return error_response(invalid_client())
     # Gateways in front of an IdP answer these, usually not in OAuth's JSON.
-    return _Response(fault.status, b"upstream failure", retry)
+    return Response(fault.status, b"upstream failure", retry)
 
 
 _Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[None]"]

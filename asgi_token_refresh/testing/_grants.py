@@ -3,7 +3,7 @@
 Clients, authorization codes, grants (token families) and the refresh and access tokens hanging
 off them, with the policies that matter in a refresh storm: rotation, Okta-style reuse grace,
 Keycloak-style reuse counts and revoking a whole family on reuse. No I/O here: the endpoints in
-:mod:`._fake_idp` hold ``_lock`` around every call and turn a ``_Reject`` into an answer.
+:mod:`._fake_idp` hold ``_lock`` around every call and turn a ``Reject`` into an answer.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import unquote_plus
 
 from .._clock import Clock
-from ._http import _invalid_client, _Reject
+from ._http import Reject, invalid_client
 
 
 @dataclass(eq=False)
@@ -50,7 +50,7 @@ class _AccessRecord:
 
 
 @dataclass(eq=False)
-class _Code:
+class Code:
     client_id: str
     redirect_uri: str
     subject: str
@@ -61,7 +61,7 @@ class _Code:
     grant: _Grant | None = None  # set once exchanged
 
 
-class _TokenIssuer:
+class TokenIssuer:
     """The token side of :class:`~asgi_token_refresh.testing.FakeIdP`: its records and rules.
 
     The public members are FakeIdP's questions about grants and take ``_lock``; the private
@@ -91,7 +91,7 @@ class _TokenIssuer:
 
         # Guards the records below, _last_issuer, and FakeIdP's counters, faults and gate.
         self._lock = threading.Lock()
-        self._codes: dict[str, _Code] = {}
+        self._codes: dict[str, Code] = {}
         self._refresh: dict[str, _RefreshRecord] = {}
         self._access: dict[str, _AccessRecord] = {}
         self._grants_revoked = 0
@@ -135,38 +135,38 @@ class _TokenIssuer:
         if authorization is not None:
             scheme, _, credentials = authorization.partition(" ")
             if scheme.lower() != "basic":
-                raise _invalid_client()
+                raise invalid_client()
             try:
                 decoded = base64.b64decode(credentials.strip(), validate=True).decode()
             except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-                raise _invalid_client() from None
+                raise invalid_client() from None
             raw_id, colon, raw_secret = decoded.partition(":")
             if not colon:
-                raise _invalid_client()
+                raise invalid_client()
             # §2.3.1: id and secret are form-urlencoded before being put into Basic.
             client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
             if "client_secret" in form:
-                raise _Reject("invalid_request", "more than one client authentication method")
+                raise Reject("invalid_request", "more than one client authentication method")
             if form.get("client_id", client_id) != client_id:
-                raise _invalid_client()
+                raise invalid_client()
         else:
             client_id = form.get("client_id", "")
             secret = form.get("client_secret", "")
         if client_id not in self._clients:
-            raise _invalid_client()
+            raise invalid_client()
         expected = self._clients[client_id]
         if expected is None:
             ok = not secret
         else:
             ok = hmac.compare_digest(secret.encode(), expected.encode())
         if not ok:
-            raise _invalid_client()
+            raise invalid_client()
         return client_id
 
     def _token(
         self, form: Mapping[str, str], headers: Mapping[str, str]
     ) -> tuple[dict[str, Any], str]:
-        """The success body and outcome of a token request, or raise :class:`_Reject`."""
+        """The success body and outcome of a token request, or raise :class:`Reject`."""
         client_id = self._authenticate(form, headers)
         grant_type = form.get("grant_type")
         if grant_type == "authorization_code":
@@ -176,21 +176,21 @@ class _TokenIssuer:
         if grant_type == "client_credentials":
             return self._client_credentials(client_id, form), "success"
         if grant_type is None:
-            raise _Reject("invalid_request", "grant_type is missing")
-        raise _Reject("unsupported_grant_type", "grant_type is not supported")
+            raise Reject("invalid_request", "grant_type is missing")
+        raise Reject("unsupported_grant_type", "grant_type is not supported")
 
     def _exchange_code(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
         code = self._codes.get(form.get("code", ""))
         if code is None or code.client_id != client_id or code.expires_at <= self.clock.time():
-            raise _Reject("invalid_grant", "unknown or expired authorization code")
+            raise Reject("invalid_grant", "unknown or expired authorization code")
         if code.grant is not None:
             # RFC 6749 §4.1.2: a replayed code should revoke what it already produced.
             if self.revoke_on_reuse and code.grant.active:
                 self._revoke_grant(code.grant)
-                raise _Reject("invalid_grant", "code already used", outcome="reuse_revoked")
-            raise _Reject("invalid_grant", "code already used")
+                raise Reject("invalid_grant", "code already used", outcome="reuse_revoked")
+            raise Reject("invalid_grant", "code already used")
         if form.get("redirect_uri") != code.redirect_uri:
-            raise _Reject("invalid_grant", "redirect_uri does not match")
+            raise Reject("invalid_grant", "redirect_uri does not match")
         verifier = form.get("code_verifier")
         # A verifier without a challenge is refused too (OAuth 2.1 PKCE downgrade protection).
         if (code.challenge is None) != (verifier is None) or (
@@ -198,20 +198,20 @@ class _TokenIssuer:
             and code.challenge is not None
             and not hmac.compare_digest(_s256(verifier), code.challenge)
         ):
-            raise _Reject("invalid_grant", "PKCE verification failed")
+            raise Reject("invalid_grant", "PKCE verification failed")
         code.grant = _Grant(client_id, code.subject, code.scope, code.nonce)
         return self._grant_tokens(code.grant)
 
     def _refresh_grant(self, client_id: str, form: Mapping[str, str]) -> tuple[dict[str, Any], str]:
         record = self._refresh.get(form.get("refresh_token", ""))
         if record is None or record.grant.client_id != client_id or not record.grant.active:
-            raise _Reject("invalid_grant", "refresh token is invalid, expired or revoked")
+            raise Reject("invalid_grant", "refresh token is invalid, expired or revoked")
         grant = record.grant
         scope = grant.scope
         if "scope" in form:
             requested = form["scope"].split()
             if not set(requested) <= set(grant.scope.split()):
-                raise _Reject("invalid_scope", "scope exceeds the grant")
+                raise Reject("invalid_scope", "scope exceeds the grant")
             scope = " ".join(requested)
         if not self.rotate_refresh_tokens:
             return self._tokens(grant, scope, refresh_token=None), "success"
@@ -230,12 +230,12 @@ class _TokenIssuer:
             return body, "reuse_allowed"
         if self.revoke_on_reuse:
             self._revoke_grant(grant)
-            raise _Reject("invalid_grant", "refresh token reused", outcome="reuse_revoked")
-        raise _Reject("invalid_grant", "refresh token already used")
+            raise Reject("invalid_grant", "refresh token reused", outcome="reuse_revoked")
+        raise Reject("invalid_grant", "refresh token already used")
 
     def _client_credentials(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
         if self._clients[client_id] is None:
-            raise _Reject("unauthorized_client", "public clients cannot use client_credentials")
+            raise Reject("unauthorized_client", "public clients cannot use client_credentials")
         # A grant of its own, with the client as subject, so /revoke and /userinfo just work.
         grant = _Grant(client_id, client_id, " ".join(form.get("scope", "").split()))
         return self._tokens(grant, grant.scope, refresh_token=None)

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
-_Scope = MutableMapping[str, Any]
+Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
-_Receive = Callable[[], Awaitable[_Message]]
-_Send = Callable[[_Message], Awaitable[None]]
-ASGIApp = Callable[[_Scope, _Receive, _Send], Awaitable[None]]
+Receive = Callable[[], Awaitable[_Message]]
+Send = Callable[[_Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
-class _Reject(Exception):
+class Reject(Exception):
     """An OAuth error answer (RFC 6749 §5.2), raised while handling a request."""
 
     def __init__(
@@ -31,31 +31,31 @@ class _Reject(Exception):
         self.outcome = outcome or error
 
 
-def _invalid_client() -> _Reject:
-    return _Reject("invalid_client", "client authentication failed", status=401)
+def invalid_client() -> Reject:
+    return Reject("invalid_client", "client authentication failed", status=401)
 
 
 @dataclass
-class _Response:
+class Response:
     status: int
     body: bytes = b""
     headers: tuple[tuple[str, str], ...] = ()
     content_type: str = "text/plain"
 
 
-def _json(status: int, payload: Mapping[str, Any], *headers: tuple[str, str]) -> _Response:
+def json_response(status: int, payload: Mapping[str, Any], *headers: tuple[str, str]) -> Response:
     # RFC 6749 §5.1: token answers must not be cached; harmless on the other endpoints.
     headers = (("cache-control", "no-store"), ("pragma", "no-cache"), *headers)
-    return _Response(status, json.dumps(payload).encode(), headers, "application/json")
+    return Response(status, json.dumps(payload).encode(), headers, "application/json")
 
 
-def _error(reject: _Reject) -> _Response:
+def error_response(reject: Reject) -> Response:
     extra = [("www-authenticate", 'Basic realm="fake-idp"')] if reject.status == 401 else []
     body = {"error": reject.error, "error_description": reject.description}
-    return _json(reject.status, body, *extra)
+    return json_response(reject.status, body, *extra)
 
 
-def _parse_form(headers: Mapping[str, str], body: bytes) -> dict[str, str] | None:
+def parse_form(headers: Mapping[str, str], body: bytes) -> dict[str, str] | None:
     """A form body as a dict; None when it is not one or repeats a parameter (RFC 6749 §3.1)."""
     content_type = headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != "application/x-www-form-urlencoded":
@@ -68,7 +68,7 @@ def _parse_form(headers: Mapping[str, str], body: bytes) -> dict[str, str] | Non
     return form if len(form) == len(pairs) else None
 
 
-async def _read_body(receive: _Receive) -> bytes:
+async def read_body(receive: Receive) -> bytes:
     chunks = []
     while True:
         message = await receive()
@@ -80,7 +80,7 @@ async def _read_body(receive: _Receive) -> bytes:
     return b"".join(chunks)
 
 
-async def _send_response(send: _Send, response: _Response) -> None:
+async def send_response(send: Send, response: Response) -> None:
     headers = [(b"content-type", response.content_type.encode())]
     headers += [(k.encode(), v.encode("latin-1")) for k, v in response.headers]
     headers.append((b"content-length", str(len(response.body)).encode()))
@@ -88,7 +88,7 @@ async def _send_response(send: _Send, response: _Response) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
-async def _lifespan(receive: _Receive, send: _Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     while True:
         message = await receive()
         if message["type"] == "lifespan.startup":

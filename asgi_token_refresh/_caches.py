@@ -1,0 +1,203 @@
+"""The refresher's memory: the grace chain, remembered failures and machine tokens.
+
+Pure data structures: no I/O, no event loop, no lock of their own (the refresher's lock
+guards them, together with its flights). Time comes from the injected clock's monotonic
+reading. Every entry is bounded in number and in size: a remembered failure is a few fields,
+never an exception with its traceback (invariant 12).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from cachetools import TLRUCache, TTLCache
+
+from ._errors import (
+    ReauthenticationRequired,
+    RefreshUnavailable,
+    TokenEndpointError,
+    TokenRefreshError,
+)
+from ._keys import KeyMaker, TokenParams
+from ._tokens import TokenSet
+
+__all__ = ["Caches", "GraceCache", "MachineTokenCache", "Refusal", "RefusalCache"]
+
+logger = logging.getLogger(__name__)
+
+# A chain of rotations longer than this inside one grace TTL is not a chain but a bug.
+_MAX_CHAIN = 32
+
+
+class GraceCache:
+    """Old refresh token's key -> the token set that replaced it, for ``ttl`` seconds.
+
+    Stragglers that still hold an old refresh token are served its newest successor
+    (invariant 2): :meth:`newest` follows the chain, so nobody is handed a token set whose
+    refresh token has already been rotated.
+    """
+
+    def __init__(self, max_entries: int, ttl: float, timer: Callable[[], float]) -> None:
+        self._successors: TTLCache[bytes, TokenSet] = TTLCache(max_entries, ttl, timer=timer)
+
+    def __len__(self) -> int:
+        return len(self._successors)
+
+    def __bool__(self) -> bool:  # an empty cache is skipped without reading the clock
+        return bool(self._successors)
+
+    def remember(self, key: bytes, successor: TokenSet) -> None:
+        self._successors[key] = successor
+
+    def newest(
+        self, key: bytes, token_set: TokenSet, key_of: Callable[[str], bytes]
+    ) -> tuple[bytes, TokenSet]:
+        """The newest known generation after ``token_set`` (whose key is ``key``), and its
+        key. ``key_of`` makes the key of a refresh token."""
+        for _ in range(_MAX_CHAIN):
+            successor = self._successors.get(key)
+            if successor is None or successor.issued_at < token_set.issued_at:
+                break
+            token_set = successor
+            if successor.refresh_token is None:
+                break
+            next_key = key_of(successor.refresh_token)
+            if next_key == key:  # the provider does not rotate: same refresh token, new access
+                break
+            key = next_key
+        return key, token_set
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A failure remembered for a while: what to raise again, as a few plain fields."""
+
+    kind: Literal["terminal", "unavailable", "endpoint"]
+    reason: str  # the error's reason, or the provider's error code for "endpoint"
+    detail: str | None = None
+    retry_after: float | None = None
+    status: int | None = None
+
+    @classmethod
+    def of(cls, error: BaseException) -> Refusal | None:
+        """The compact form of ``error``, or ``None`` if it is not worth remembering."""
+        if isinstance(error, ReauthenticationRequired):
+            return cls("terminal", error.reason, error.detail)
+        if isinstance(error, RefreshUnavailable):
+            return cls("unavailable", error.reason, error.detail, error.retry_after)
+        if isinstance(error, TokenEndpointError):
+            return cls("endpoint", error.error, None, error.retry_after, error.status)
+        return None
+
+    def error(self) -> TokenRefreshError:
+        """A new exception to raise for this refusal (each caller gets its own)."""
+        if self.kind == "terminal":
+            return ReauthenticationRequired(self.reason, self.detail)
+        if self.kind == "unavailable":
+            return RefreshUnavailable(
+                self.reason, retry_after=self.retry_after or 0.0, detail=self.detail
+            )
+        return TokenEndpointError(self.reason, status=self.status, retry_after=self.retry_after)
+
+
+class RefusalCache:
+    """Key -> :class:`Refusal`, each kept for its own number of seconds (invariant 5)."""
+
+    def __init__(self, max_entries: int, timer: Callable[[], float]) -> None:
+        self._refusals: TLRUCache[bytes, tuple[Refusal, float]] = TLRUCache(
+            max_entries, lambda _key, entry, now: now + entry[1], timer=timer
+        )
+
+    def __len__(self) -> int:
+        return len(self._refusals)
+
+    def get(self, key: bytes) -> Refusal | None:
+        if not self._refusals:  # the common case, and cheaper than a lookup that reads time
+            return None
+        entry = self._refusals.get(key)
+        return None if entry is None else entry[0]
+
+    def remember(self, key: bytes, refusal: Refusal, seconds: float) -> None:
+        self._refusals[key] = (refusal, seconds)
+
+
+class MachineTokenCache:
+    """Client-credentials token sets by parameter key, oldest dropped first when full.
+    Reads need no lock (``dict.get`` is atomic); writers hold the refresher's."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._tokens: dict[bytes, TokenSet] = {}
+
+    def get(self, key: bytes) -> TokenSet | None:
+        return self._tokens.get(key)
+
+    def remember(self, key: bytes, token_set: TokenSet) -> None:
+        tokens = self._tokens
+        tokens.pop(key, None)
+        tokens[key] = token_set
+        while len(tokens) > self._max_entries:
+            del tokens[next(iter(tokens))]
+
+
+class Caches:
+    """The refresher's three caches and the keys into them. Its callers hold the refresher's
+    lock around every call: checking the caches and boarding a flight are one step."""
+
+    def __init__(
+        self,
+        keys: KeyMaker,
+        *,
+        max_entries: int,
+        grace_ttl: float,
+        default_retry_after: float,
+        timer: Callable[[], float],
+    ) -> None:
+        self.keys = keys
+        self.grace_ttl = grace_ttl
+        self._default_retry_after = default_retry_after
+        self.grace = GraceCache(max_entries, grace_ttl, timer)
+        self.refusals = RefusalCache(max_entries, timer)
+        self.machine_tokens = MachineTokenCache(max_entries)
+
+    def newest(self, token_set: TokenSet, params: TokenParams) -> tuple[bytes, TokenSet]:
+        """The newest known generation of ``token_set``'s session, and its key."""
+        assert token_set.refresh_token is not None
+        keys = self.keys
+        key = keys.refresh_token(token_set.refresh_token, params)
+        if not self.grace:
+            return key, token_set
+        return self.grace.newest(key, token_set, lambda rt: keys.refresh_token(rt, params))
+
+    def remember(
+        self, key: bytes, machine: bool, result: TokenSet | None, error: BaseException | None
+    ) -> None:
+        """Remember a flight's outcome: a new token set (in the grace cache, or as the machine
+        token), a dead session for the grace TTL (invariant 5), a provider in trouble for its
+        Retry-After, capped, so that a crowd of requests cannot hammer it."""
+        if result is not None:
+            if machine:
+                self.machine_tokens.remember(key, result)
+            else:
+                self.grace.remember(key, result)
+            return
+        refusal = None if error is None else Refusal.of(error)
+        if refusal is None:
+            return
+        fingerprint = key.hex()[:12]
+        if refusal.kind == "terminal":
+            self.refusals.remember(key, refusal, self.grace_ttl)
+            logger.info("session %s needs reauthentication: %s", fingerprint, refusal.reason)
+        else:
+            ttl = refusal.retry_after or self._default_retry_after
+            self.refusals.remember(key, refusal, min(ttl, self.grace_ttl))
+            logger.warning("token refresh for %s failed: %s", fingerprint, error)
+
+    def logged_out(self, token_set: TokenSet, params: TokenParams) -> None:
+        """Refuse stragglers of a session that logged out, for the grace TTL."""
+        key, _ = self.newest(token_set, params)
+        refusal = Refusal("terminal", "no_session", "logged out")
+        self.refusals.remember(key, refusal, self.grace_ttl)

@@ -1,0 +1,104 @@
+"""The Redis connection and the Lua scripts that make each step one atomic round trip."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import ConfigurationError
+from .._per_loop import PerLoop
+
+__all__ = [
+    "CLAIM",
+    "PEEK",
+    "PUBLISH",
+    "RELEASE",
+    "RENEW",
+    "STORE_SESSION",
+    "RedisConnection",
+    "ms",
+]
+
+# KEYS: lock, result. ARGV: owner, lease ms. -> {1, result} | {2} (lead) | {0} (follow)
+CLAIM = """
+local published = redis.call('GET', KEYS[2])
+if published then return {1, published} end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {0}
+"""
+# KEYS: lock, result. ARGV: owner, sealed outcome, ttl ms, channel, message.
+PUBLISH = """
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+redis.call('PUBLISH', ARGV[4], ARGV[5])
+return 1
+"""
+# KEYS: lock. ARGV: owner, channel, message. Compare-and-delete, then wake the followers.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('PUBLISH', ARGV[2], ARGV[3])
+  return 1
+end
+return 0
+"""
+# KEYS: lock. ARGV: owner, lease ms.
+RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 0
+"""
+# KEYS: lock, result. -> {1, result} | {2} (still led) | {0} (lease gone, no result)
+PEEK = """
+local published = redis.call('GET', KEYS[2])
+if published then return {1, published} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
+return {0}
+"""
+# KEYS: session. ARGV: generation, sealed token set, ttl ms. Never moves back a generation.
+STORE_SESSION = """
+local current = tonumber(redis.call('HGET', KEYS[1], 'generation'))
+if current and current > tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'token_set', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+def ms(seconds: float) -> int:
+    return max(1, math.ceil(seconds * 1000))
+
+
+class RedisConnection:
+    """A redis-py asyncio client per event loop (a connection pool belongs to one loop)."""
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        try:
+            import redis.asyncio  # noqa: F401 - fail at construction, not on first use
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise ConfigurationError(
+                "Redis support needs the 'redis' package: pip install 'asgi-token-refresh[redis]'"
+            ) from None
+        self.url = url
+        self.options = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5, **options}
+        self._clients: PerLoop[Any] = PerLoop(self._connect)
+
+    def client(self) -> Any:
+        """The running loop's client."""
+        return self._clients.get()
+
+    def _connect(self) -> Any:
+        import redis.asyncio
+
+        # Blocking: past max_connections (redis_options, default 50) a command waits for a
+        # free connection (up to ``timeout``, default 20 s) instead of failing at once with
+        # MaxConnectionsError, as recent redis-py's default pool does past 100: a storm of
+        # requests would get 500s.
+        pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, **self.options)
+        return redis.asyncio.Redis(connection_pool=pool)
+
+    async def aclose(self) -> None:
+        """Close the running loop's client and its pool."""
+        client = self._clients.pop()
+        if client is not None:
+            await client.aclose(close_connection_pool=True)

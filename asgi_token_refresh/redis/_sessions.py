@@ -1,0 +1,111 @@
+"""RedisSessionStore: server-side sessions in Redis, shared by every worker and host."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .._cookies import THIRTY_DAYS, SameSite
+from .._sealing import Sealer
+from .._sessions import BackendSessionStore
+from .._tokens import TokenSet
+from ._connection import STORE_SESSION, RedisConnection, ms
+
+__all__ = ["RedisSessionBackend", "RedisSessionStore"]
+
+logger = logging.getLogger(__name__)
+
+
+class RedisSessionBackend:
+    """Token sets by session id in Redis hashes: sealed at rest, under a keyed hash of the
+    session id (reading Redis yields neither tokens nor usable session ids), compare-and-set
+    on the generation in one Lua round trip."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret_keys: Sequence[str | bytes],
+        prefix: str = "atr",
+        redis_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.prefix = prefix
+        self._sealer = Sealer(secret_keys, purpose="atr-session-v1", extra="redis")
+        self._redis = RedisConnection(url, redis_options or {})
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}:session:{self._sealer.name('session', session_id)}"
+
+    async def get(self, session_id: str) -> TokenSet | None:
+        key = self._key(session_id)
+        sealed = await self._redis.client().hget(key, "token_set")
+        if sealed is None:
+            return None
+        try:
+            return TokenSet.from_dict(json.loads(self._sealer.open(sealed, key.encode())))
+        except ValueError:
+            logger.warning("rejected a session value in Redis that does not authenticate")
+            return None
+
+    async def put(self, session_id: str, token_set: TokenSet, ttl: float) -> bool:
+        key = self._key(session_id)
+        plaintext = json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
+        sealed = self._sealer.seal(plaintext, key.encode())
+        stored = await self._redis.client().eval(
+            STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl)
+        )
+        return bool(stored)
+
+    async def delete(self, session_id: str) -> None:
+        await self._redis.client().delete(self._key(session_id))
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+class RedisSessionStore(BackendSessionStore):
+    """Server-side sessions in Redis, behind an opaque random id in a cookie.
+
+    Token sets are sealed at rest; the Redis key is a keyed hash of the session id, so
+    reading Redis yields neither tokens nor usable session ids. Writes are compare-and-set
+    on the token generation: a slower writer never moves a session back. Sessions expire
+    ``max_age`` after their last write, or with the refresh token when the provider says
+    (``refresh_expires_in``). Shared by every worker and host using the same Redis and keys.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        secret_keys: Sequence[str | bytes],
+        cookie_name: str = "atr_sid",
+        prefix: str = "atr",
+        secure: bool = True,
+        same_site: SameSite = "lax",
+        path: str = "/",
+        domain: str | None = None,
+        max_age: float = THIRTY_DAYS,
+        redis_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._redis_backend = RedisSessionBackend(
+            url, secret_keys=secret_keys, prefix=prefix, redis_options=redis_options
+        )
+        super().__init__(
+            self._redis_backend,
+            cookie_name=cookie_name,
+            secure=secure,
+            same_site=same_site,
+            path=path,
+            domain=domain,
+            max_age=max_age,
+        )
+        self.prefix = prefix
+
+    def __repr__(self) -> str:
+        return f"RedisSessionStore(cookie_name={self.cookie_name!r}, prefix={self.prefix!r})"
+
+    async def aclose(self) -> None:
+        """Close the running loop's connection pool."""
+        await self._redis_backend.aclose()
