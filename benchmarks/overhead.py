@@ -7,63 +7,27 @@ Run from the repository root::
     python benchmarks/overhead.py --harness httpx  # part 1 in one harness only (default: both)
     python benchmarks/overhead.py --write          # also write its section in RESULTS.md
 
-Part 1 serves requests in-process in one or both of two harnesses:
-
-- ``direct``: each Starlette app is called as an ASGI callable, with a new scope and a minimal
-  ``receive``/``send`` per request: no server, no socket and no httpx in the timed loop, so
-  the numbers are the app stack's own cost;
-- ``httpx``: each request goes through ``httpx.AsyncClient(transport=httpx.ASGITransport(app))``
-  (one client per app, for the whole run), as Starlette's and FastAPI's async test clients and
-  other in-process callers send them: httpx builds the request, the scope and the response.
-
-The apps differ only in the middleware and the route:
-
-- A: the bare app, one route answering ``PlainTextResponse("hello world")``;
-- B: A with TokenRefreshMiddleware, the route never touching the token;
-- C: B, the route awaiting ``request.state.token.get()`` on a fresh token (session cookie
-  from a MemorySessionStore in the request headers);
-- D: C with an OpenTelemetry SDK MeterProvider and TracerProvider (``capture_telemetry()``);
-- E: A with a BaseHTTPMiddleware that does nothing, for comparison;
-- F: A with a pure-ASGI middleware that only wraps ``send``: the least any middleware that
-  sets cookies costs, for comparison with B.
-
-Each round serves the same number of requests with every app, in an order that rotates from
-round to round; the result is each app's throughput as a ratio of A's in the same round (the
-median and range over rounds), and the time it adds per request over A's. The ratio depends on
-the harness's own cost per request (the denominator); the µs added is the middleware's cost,
-much the same in both. Part 2 times sequential refresh flights (a new expiring session
-each, FakeIdP in-process) with the no-op telemetry and with the SDK providers, interleaved.
-
-Correctness is checked, never timing: every response is 200, C and D count exactly one
-fresh-path hit per request and call the provider never, D records no span and no SDK metric
-but the fresh-path counter, and every flight makes exactly one provider call.
+Part 1 serves the same requests with six apps (A: bare; B: + the middleware; C: + a fresh
+``token.get()``; D: C with the OpenTelemetry SDK; E: a do-nothing BaseHTTPMiddleware; F: a
+pure-ASGI middleware that only wraps ``send``) called directly or through httpx's ASGITransport;
+part 2 times refresh flights with and without the SDK. What each measures, and how:
+benchmarks/README.md. Correctness is checked, never timing.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
-import os
-import platform
-import shlex
-import sys
+import operator
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+import common  # this directory is on sys.path when a benchmark runs
 import httpx
-import results  # this directory is on sys.path when a benchmark runs
-from refresher import (  # the refresher benchmark's helpers (this directory is on sys.path)
-    Series,
-    code_version,
-    cpu_model,
-    nproc,
-    version_of,
-)
+from common import EXPIRED, ISSUER, Series, check, row, table, verdict
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -82,30 +46,28 @@ from asgi_token_refresh import (
 from asgi_token_refresh._telemetry import REFRESHES, TOKEN_FRESH
 from asgi_token_refresh.testing import CapturedTelemetry, FakeClock, FakeIdP, capture_telemetry
 
-ISSUER = "https://idp.test"
-EXPIRED = 300.0  # FakeIdP's default access-token lifetime: advancing this far makes tokens due
-RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 BODY = b"hello world"
 
 
 @dataclass(frozen=True)
 class Sizes:
-    requests: int  # part 1, direct harness: requests per app per round
-    httpx_requests: int  # part 1, httpx harness: requests per app per round
+    requests: int
+    httpx_requests: int
     rounds: int
-    flights: int  # part 2: sequential refreshes per telemetry setting per round
+    flights: int
     flight_rounds: int
 
 
+SIZES = {
+    "requests": "part 1, direct harness: requests per app per round",
+    "httpx_requests": "part 1, httpx harness: requests per app per round",
+    "rounds": "part 1: rounds",
+    "flights": "part 2: flights per setting per round",
+    "flight_rounds": "part 2: rounds",
+}
 FULL = Sizes(requests=5_000, httpx_requests=1_000, rounds=21, flights=500, flight_rounds=11)
 QUICK = Sizes(requests=200, httpx_requests=50, rounds=2, flights=20, flight_rounds=1)
 HARNESSES = ("direct", "httpx")
-
-
-def _check(condition: bool, message: str) -> None:
-    """An assertion that ``python -O`` does not strip."""
-    if not condition:
-        raise AssertionError(message)
 
 
 # -- 1. the app stack -----------------------------------------------------------------------------
@@ -165,22 +127,7 @@ async def serve_once(app: ASGIApp, template: dict[str, Any]) -> Channel:
     return channel
 
 
-async def time_requests(app: ASGIApp, template: dict[str, Any], n: int) -> float:
-    """ns per request, serving ``n`` requests one after another."""
-    start = time.perf_counter_ns()
-    for _ in range(n):
-        channel = Channel()
-        await app(dict(template), channel.receive, channel.send)
-    elapsed = time.perf_counter_ns() - start
-    _check(channel.status == 200 and channel.body == BODY, f"bad response {channel.status}")
-    return elapsed / n
-
-
-@dataclass
-class Served:
-    status: int
-    set_cookies: int
-    body: bytes
+Served = tuple[int, int, bytes]  # status, Set-Cookie headers, body
 
 
 class DirectDriver:
@@ -193,10 +140,18 @@ class DirectDriver:
     async def once(self) -> Served:
         channel = await serve_once(self.app, self.template)
         cookies = sum(1 for k, _ in channel.headers if k == b"set-cookie")
-        return Served(channel.status, cookies, channel.body)
+        return channel.status, cookies, channel.body
 
     async def time(self, n: int) -> float:
-        return await time_requests(self.app, self.template, n)
+        """ns per request, serving ``n`` requests one after another."""
+        app, template = self.app, self.template
+        start = time.perf_counter_ns()
+        for _ in range(n):
+            channel = Channel()
+            await app(dict(template), channel.receive, channel.send)
+        elapsed = time.perf_counter_ns() - start
+        check(channel.status == 200 and channel.body == BODY, f"bad response {channel.status}")
+        return elapsed / n
 
     async def aclose(self) -> None:
         pass
@@ -217,8 +172,8 @@ class HttpxDriver:
     async def once(self) -> Served:
         response = await self.client.get("/")
         cookies = len(response.headers.get_list("set-cookie"))
-        _check(not self.client.cookies, "the client's cookie jar must stay empty")
-        return Served(response.status_code, cookies, response.content)
+        check(not self.client.cookies, "the client's cookie jar must stay empty")
+        return response.status_code, cookies, response.content
 
     async def time(self, n: int) -> float:
         """ns per request, sending ``n`` requests one after another."""
@@ -227,7 +182,7 @@ class HttpxDriver:
         for _ in range(n):
             response = await get("/")
         elapsed = time.perf_counter_ns() - start
-        _check(
+        check(
             response.status_code == 200 and response.content == BODY,
             f"bad response {response.status_code}",
         )
@@ -290,8 +245,6 @@ class StackResults:
     harness: str
     requests: int  # per app per round
     variants: dict[str, Variant]
-    captured_metrics: list[str]  # D: SDK metrics with data points after the run
-    captured_spans: int  # D: spans finished
 
 
 B_TARGET = 0.95
@@ -353,13 +306,8 @@ class Apps:
         }
 
     def _client(self, captured: CapturedTelemetry | None) -> OAuth2Client:
-        return OAuth2Client(
-            client_id="app",
-            client_secret="app-secret",
-            token_endpoint=f"{ISSUER}/token",
-            transport=self.idp.transport(),
-            telemetry=captured.telemetry if captured is not None else None,
-        )
+        telemetry = captured.telemetry if captured is not None else None
+        return common.client(self.idp.transport(), telemetry=telemetry)
 
     async def login(self) -> bytes:
         """Log in through the middleware, as an app's login route does; the Cookie header
@@ -376,8 +324,8 @@ class Apps:
         )
         channel = await serve_once(app, http_scope("/login", None))
         set_cookies = [v.decode("latin-1") for k, v in channel.headers if k == b"set-cookie"]
-        _check(channel.status == 200 and len(set_cookies) == 1, "login must set one cookie")
-        _check(len(self.store) == 1, "login must store one session")
+        check(channel.status == 200 and len(set_cookies) == 1, "login must set one cookie")
+        check(len(self.store) == 1, "login must store one session")
         return set_cookies[0].split(";", 1)[0].encode("latin-1")
 
     async def aclose(self) -> None:
@@ -409,49 +357,47 @@ async def bench_stack(sizes: Sizes, harness: str) -> StackResults:
     # Every app answers; C and D read the token on the fresh path and count it.
     for variant in variants.values():
         hits = variant.refresher.fresh_hits if variant.refresher is not None else 0
-        answer = await drivers[variant.key].once()
-        _check(answer.status == 200 and answer.body == BODY, f"{variant.key}: bad response")
-        _check(answer.set_cookies == 0, f"{variant.key}: a fresh session must not be written back")
+        status, set_cookies, body = await drivers[variant.key].once()
+        check(status == 200 and body == BODY, f"{variant.key}: bad response")
+        check(set_cookies == 0, f"{variant.key}: a fresh session must not be written back")
         if variant.refresher is not None:
-            _check(variant.refresher.fresh_hits == hits + 1, f"{variant.key}: not a fresh hit")
+            check(variant.refresher.fresh_hits == hits + 1, f"{variant.key}: not a fresh hit")
     for key in variants:  # warm up: the middleware stack, caches, specialisation
         await drivers[key].time(min(requests, 2_000))
 
     counted = {k: v.refresher.fresh_hits for k, v in variants.items() if v.refresher is not None}
     names = list(variants)
     for round_ in range(sizes.rounds):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
+        for name in common.rotated(names, round_):
             gc.collect()  # each app starts from the same heap; the GC stays on while it runs
             variants[name].ns.values.append(await drivers[name].time(requests))
-    bare = variants["A"].ns.values
+    bare = variants["A"].ns
     for variant in variants.values():
-        pairs = list(zip(bare, variant.ns.values, strict=True))
-        variant.ratio = Series([a / x for a, x in pairs])
-        variant.added_ns = Series([x - a for a, x in pairs])
+        variant.ratio = common.pairwise(bare, variant.ns, operator.truediv)
+        variant.added_ns = common.pairwise(variant.ns, bare, operator.sub)
 
     served = sizes.rounds * requests
     for key, before in counted.items():
         refresher = variants[key].refresher
         assert refresher is not None
-        _check(
+        check(
             refresher.fresh_hits - before == served,
             f"{key}: {refresher.fresh_hits - before} fresh-path hits for {served} requests",
         )
-    _check(apps.idp.token_calls() == 0, "a fresh token must never reach the provider")
+    check(apps.idp.token_calls() == 0, "a fresh token must never reach the provider")
     spans = len(apps.captured.spans())
-    _check(spans == 0, f"D: the fresh path must record no span ({spans} recorded)")
+    check(spans == 0, f"D: the fresh path must record no span ({spans} recorded)")
     fresh = apps.captured.value(TOKEN_FRESH)
-    _check(
+    check(
         fresh == apps.sdk_refresher.fresh_hits,
         f"D: the fresh-path counter reads {fresh}, not {apps.sdk_refresher.fresh_hits}",
     )
     recorded = metrics_with_points(apps.captured)
-    _check(recorded == [TOKEN_FRESH], f"D: the fresh path recorded SDK metrics {recorded}")
+    check(recorded == [TOKEN_FRESH], f"D: the fresh path recorded SDK metrics {recorded}")
     for driver in drivers.values():
         await driver.aclose()
     await apps.aclose()
-    return StackResults(harness, requests, variants, recorded, spans)
+    return StackResults(harness, requests, variants)
 
 
 # -- 2. telemetry per refresh flight -----------------------------------------------------------
@@ -464,28 +410,16 @@ class FlightResults:
     sdk_us: Series
     diff_us: Series  # SDK minus no-op, per round
     spans_per_flight: dict[str, float]  # SDK: finished spans by name, per flight
-    sdk_refreshes: float  # SDK: the refreshes counter at the end, all rounds
 
 
 async def flight_round(n: int, captured: CapturedTelemetry | None) -> float:
     """µs per flight for ``n`` sequential refreshes, each of its own expiring session."""
     clock = FakeClock()
     idp = FakeIdP(issuer=ISSUER, clock=clock)
-    client = OAuth2Client(
-        client_id="app",
-        client_secret="app-secret",
-        token_endpoint=f"{ISSUER}/token",
-        transport=idp.transport(),
-        clock=clock,
-        telemetry=captured.telemetry if captured is not None else None,
-    )
+    telemetry = captured.telemetry if captured is not None else None
+    client = common.client(idp.transport(), clock, telemetry=telemetry)
     refresher = Refresher(client, jitter=0)
-    sessions = [
-        TokenSet.from_token_response(
-            idp.issue(f"user{i}"), issued_at=clock.time(), default_lifetime=3600.0
-        )
-        for i in range(n + 1)
-    ]
+    sessions = [common.login(idp, clock, f"user{i}") for i in range(n + 1)]
     clock.advance(EXPIRED)
     # The first flight opens the HTTP client and the semaphore on the I/O loop: not timed.
     await refresher.ensure_fresh(sessions[0])
@@ -496,8 +430,8 @@ async def flight_round(n: int, captured: CapturedTelemetry | None) -> float:
         results.append(await refresher.ensure_fresh(session))
     elapsed = time.perf_counter_ns() - start
     calls = idp.token_calls("refresh_token")
-    _check(calls == n + 1, f"{n + 1} expiring sessions made {calls} provider calls")
-    _check(
+    check(calls == n + 1, f"{n + 1} expiring sessions made {calls} provider calls")
+    check(
         all(r.refresh_token != s.refresh_token for r, s in zip(results, sessions[1:], strict=True)),
         "every session must be refreshed",
     )
@@ -508,14 +442,13 @@ async def flight_round(n: int, captured: CapturedTelemetry | None) -> float:
 
 async def bench_flights(sizes: Sizes) -> FlightResults:
     captured = capture_telemetry()  # one set of SDK providers for all rounds, as in production
-    out = FlightResults(sizes.flights, Series(), Series(), Series(), {}, 0.0)
+    out = FlightResults(sizes.flights, Series(), Series(), Series(), {})
     await flight_round(min(sizes.flights, 50), None)  # warm up: imports, the I/O loop
     await flight_round(min(sizes.flights, 50), captured)
     captured.exporter.clear()
     spans: dict[str, int] = {}
     for round_ in range(sizes.flight_rounds):
-        order = (captured, None) if round_ % 2 else (None, captured)
-        for telemetry in order:
+        for telemetry in common.rotated([None, captured], round_):
             us = await flight_round(sizes.flights, telemetry)
             (out.noop_us if telemetry is None else out.sdk_us).values.append(us)
         for span in captured.spans():
@@ -523,15 +456,12 @@ async def bench_flights(sizes: Sizes) -> FlightResults:
         captured.exporter.clear()
     flights = sizes.flight_rounds * (sizes.flights + 1)  # + the untimed first flight of each
     out.spans_per_flight = {name: count / flights for name, count in sorted(spans.items())}
-    out.sdk_refreshes = captured.value(REFRESHES)
-    warmup = min(sizes.flights, 50) + 1
-    _check(
-        out.sdk_refreshes == flights + warmup,
-        f"SDK: the refreshes counter reads {out.sdk_refreshes}, not {flights + warmup}",
+    refreshes, warmup = captured.value(REFRESHES), min(sizes.flights, 50) + 1
+    check(
+        refreshes == flights + warmup,
+        f"SDK: the refreshes counter reads {refreshes}, not {flights + warmup}",
     )
-    out.diff_us = Series(
-        [s - n for s, n in zip(out.sdk_us.values, out.noop_us.values, strict=True)]
-    )
+    out.diff_us = common.pairwise(out.sdk_us, out.noop_us, operator.sub)
     captured.shutdown()
     return out
 
@@ -539,131 +469,91 @@ async def bench_flights(sizes: Sizes) -> FlightResults:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def fmt_us(ns: float) -> str:
+def us(ns: float) -> str:
     return f"{ns / 1000:.2f} µs"
 
 
-def fmt_ratio(x: float) -> str:
+def ratio(x: float) -> str:
     return f"{x:.3f}x"
 
 
-def verdict(ok: bool) -> str:
-    return "✅ met" if ok else "❌ missed"
+def flight_us(x: float) -> str:
+    return f"{x:.1f} µs"
+
+
+INTRO = {
+    "direct": "Harness `direct`: the app called as an ASGI callable, a new scope and a minimal "
+    "`receive`/`send` per request (no httpx).",
+    "httpx": "Harness `httpx`: `GET /` through `httpx.AsyncClient(transport="
+    "httpx.ASGITransport(app=...))`, one client per app (as async test clients send requests "
+    "in-process).",
+}
 
 
 @dataclass
 class Report:
-    command: str
+    run: common.Run
     sizes: Sizes
-    quick: bool
     stacks: list[StackResults]
     flights: FlightResults
-    load: str
-    when: str
-
-    def environment(self) -> list[str]:
-        libs = ", ".join(
-            f"{name} {version_of(name)}"
-            for name in ("starlette", "httpx", "opentelemetry-api", "opentelemetry-sdk")
-            if version_of(name) is not None
-        )
-        return [
-            f"- Date: {self.when}",
-            f"- Python: {platform.python_implementation()} {platform.python_version()} "
-            f"({platform.platform()}); {libs}",
-            f"- Code: {code_version()}",
-            f"- Machine: nproc {nproc()} ({os.cpu_count()} CPUs), {cpu_model()}; "
-            f"load average at start {self.load}",
-            f"- Command (from the repository root): `{self.command}`",
-            "- Sizes: part 1, "
-            + ", ".join(f"{s.requests:,} requests per app ({s.harness})" for s in self.stacks)
-            + f" x {self.sizes.rounds} rounds; part 2, {self.sizes.flights:,} flights per "
-            f"setting x {self.sizes.flight_rounds} rounds"
-            + (" — **quick smoke run: sizes too small for the targets**" if self.quick else ""),
-        ]
 
     def stack_table(self, stack: StackResults) -> list[str]:
-        lines = [
-            "| | app | per request (median) | range over rounds | requests/s | "
-            "added per request vs A | throughput vs A | range over rounds | target | |",
-            "|---|---|---|---|---|---|---|---|---|---|",
-        ]
+        lines = table(
+            "", "app", "per request (median)", "range over rounds", "requests/s",
+            "added per request vs A", "throughput vs A", "range over rounds", "target", "",
+        )  # fmt: skip
         for v in stack.variants.values():
-            target, ok = "", ""
+            target, ok, added, versus, spread = "", "", "", "1 (the reference)", ""
             if v.target is not None:
-                target = f"≥ {v.target:.2f}x"
-                ok = verdict(v.ratio.median >= v.target)
-            if v.key == "A":
-                added, ratio, spread = "", "1 (the reference)", ""
-            else:
-                added = fmt_us(v.added_ns.median)
-                ratio = fmt_ratio(v.ratio.median)
-                spread = f"{fmt_ratio(v.ratio.low)} to {fmt_ratio(v.ratio.high)}"
-            lines.append(
-                f"| {v.key} | {v.label} | {fmt_us(v.ns.median)} | "
-                f"{fmt_us(v.ns.low)} to {fmt_us(v.ns.high)} | {1e9 / v.ns.median:,.0f} | "
-                f"{added} | {ratio} | {spread} | {target} | {ok} |"
-            )
+                target, ok = f"≥ {v.target:.2f}x", verdict(v.ratio.median >= v.target)
+            if v.key != "A":
+                added, (versus, spread) = us(v.added_ns.median), v.ratio.cells(ratio)
+            per_second = f"{1e9 / v.ns.median:,.0f}"
+            cells = (*v.ns.cells(us), per_second, added, versus, spread, target, ok)
+            lines.append(row(v.key, v.label, *cells))
         return lines
-
-    def flight_table(self) -> list[str]:
-        f = self.flights
-
-        def us(x: float) -> str:
-            return f"{x:.1f} µs"
-
-        def span(s: Series) -> str:
-            return f"{us(s.low)} to {us(s.high)}"
-
-        spans = ", ".join(f"{name} {n:g}" for name, n in f.spans_per_flight.items())
-        return [
-            "| telemetry | per flight (median) | range over rounds |",
-            "|---|---|---|",
-            f"| no-op (OpenTelemetry API only, no SDK) | {us(f.noop_us.median)} | "
-            f"{span(f.noop_us)} |",
-            f"| SDK MeterProvider + TracerProvider (in-memory exporters) | "
-            f"{us(f.sdk_us.median)} | {span(f.sdk_us)} |",
-            f"| difference, SDK minus no-op (per round) | {us(f.diff_us.median)} | "
-            f"{span(f.diff_us)} |",
-            f"| spans per flight with the SDK | {sum(f.spans_per_flight.values()):g} ({spans}) | |",
-        ]
 
     def markdown(self) -> str:
-        return (
-            "\n".join(
-                [
-                    *self.environment(),
-                    "",
-                    "Part 1: requests served in-process by each app, one after another (GC on, "
-                    "a `gc.collect()` before each app's share of a round). Medians over rounds; "
-                    "throughput vs A and the added time are taken within each round, A's time "
-                    "per request over the app's. The targets are evaluated on the throughput "
-                    "ratio in each harness; that ratio depends on what the harness itself costs "
-                    "per request (A's time), while the µs added per request is the middleware's "
-                    "own cost, the figure to compare across harnesses.",
-                    "",
-                    *self.stack_tables(),
-                    f"Part 2: {self.flights.flights:,} sequential refresh flights per round, "
-                    "each of a new expiring session (FakeIdP in-process, FakeClock).",
-                    "",
-                    *self.flight_table(),
-                ]
-            )
-            + "\n"
+        z, f = self.sizes, self.flights
+        environment = self.run.environment(
+            ["starlette", "httpx", "opentelemetry-api", "opentelemetry-sdk"],
+            "part 1, "
+            + ", ".join(f"{s.requests:,} requests per app ({s.harness})" for s in self.stacks)
+            + f" x {z.rounds} rounds; part 2, {z.flights:,} flights per setting x "
+            f"{z.flight_rounds} rounds",
         )
-
-    def stack_tables(self) -> list[str]:
-        intro = {
-            "direct": "Harness `direct`: the app called as an ASGI callable, a new scope and a "
-            "minimal `receive`/`send` per request (no httpx).",
-            "httpx": "Harness `httpx`: `GET /` through `httpx.AsyncClient(transport="
-            "httpx.ASGITransport(app=...))`, one client per app (as async test clients send "
-            "requests in-process).",
-        }
-        lines: list[str] = []
+        lines = [
+            *environment,
+            "",
+            "Part 1: requests served in-process by each app, one after another (GC on, a "
+            "`gc.collect()` before each app's share of a round). Medians over rounds; throughput "
+            "vs A and the added time are taken within each round, A's time per request over the "
+            "app's. The targets are evaluated on the throughput ratio in each harness; that ratio "
+            "depends on what the harness itself costs per request (A's time), while the µs added "
+            "per request is the middleware's own cost, the figure to compare across harnesses.",
+            "",
+        ]
         for stack in self.stacks:
-            lines += [intro[stack.harness], "", *self.stack_table(stack), ""]
-        return lines
+            lines += [INTRO[stack.harness], "", *self.stack_table(stack), ""]
+        spans = ", ".join(f"{name} {n:g}" for name, n in f.spans_per_flight.items())
+        lines += [
+            f"Part 2: {f.flights:,} sequential refresh flights per round, each of a new expiring "
+            "session (FakeIdP in-process, FakeClock).",
+            "",
+            *table("telemetry", "per flight (median)", "range over rounds"),
+            row("no-op (OpenTelemetry API only, no SDK)", *f.noop_us.cells(flight_us)),
+            row(
+                "SDK MeterProvider + TracerProvider (in-memory exporters)",
+                *f.sdk_us.cells(flight_us),
+            ),
+            row("difference, SDK minus no-op (per round)", *f.diff_us.cells(flight_us)),
+            row(
+                "spans per flight with the SDK",
+                f"{sum(f.spans_per_flight.values()):g} ({spans})",
+                "",
+            ),
+        ]
+        return "\n".join(lines) + "\n"
 
     def missed(self) -> bool:
         return any(
@@ -671,11 +561,6 @@ class Report:
             for stack in self.stacks
             for v in stack.variants.values()
         )
-
-
-def write_section(path: Path, report: Report) -> None:
-    """Replace this script's section of ``path`` (or add it), leaving the rest alone."""
-    results.write_section(path, "overhead.py", "ASGI overhead", report.markdown())
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -688,53 +573,30 @@ async def run(sizes: Sizes, harnesses: Sequence[str]) -> tuple[list[StackResults
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        description="Benchmark the middleware's per-request overhead and telemetry's per-flight "
-        "cost."
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes: a fast smoke run")
-    parser.add_argument("--write", action="store_true", help=f"update the section in {RESULTS_MD}")
-    parser.add_argument("--results", type=Path, default=RESULTS_MD, help="file for --write")
-    parser.add_argument(
-        "--harness",
-        choices=[*HARNESSES, "both"],
-        default="both",
-        help="part 1: call the apps directly, through httpx's ASGITransport, or both (default)",
-    )
-    parser.add_argument(
-        "--requests", type=int, help="part 1, direct harness: requests per app per round"
-    )
-    parser.add_argument(
-        "--httpx-requests", type=int, help="part 1, httpx harness: requests per app per round"
-    )
-    parser.add_argument("--rounds", type=int, help="part 1: rounds")
-    parser.add_argument("--flights", type=int, help="part 2: flights per setting per round")
-    parser.add_argument("--flight-rounds", type=int, help="part 2: rounds")
-    parser.add_argument(
-        "--fail-on-miss", action="store_true", help="exit 1 if a throughput target is missed"
-    )
-    args = parser.parse_args(args_list)
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--harness",
+            choices=[*HARNESSES, "both"],
+            default="both",
+            help="part 1: call the apps directly, through httpx's ASGITransport, or both (default)",
+        )
+        parser.add_argument(
+            "--fail-on-miss", action="store_true", help="exit 1 if a throughput target is missed"
+        )
 
-    base = QUICK if args.quick else FULL
-    sizes = Sizes(
-        requests=args.requests or base.requests,
-        httpx_requests=args.httpx_requests or base.httpx_requests,
-        rounds=args.rounds or base.rounds,
-        flights=args.flights or base.flights,
-        flight_rounds=args.flight_rounds or base.flight_rounds,
+    run_ = common.parse(
+        "overhead.py",
+        "Benchmark the middleware's per-request overhead and telemetry's per-flight cost.",
+        argv,
+        SIZES,
+        add_arguments,
     )
-    command = shlex.join(["python", "benchmarks/overhead.py", *args_list])
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    harnesses = HARNESSES if args.harness == "both" else (args.harness,)
+    sizes = common.sizes(run_.args, FULL, QUICK)
+    harnesses = HARNESSES if run_.args.harness == "both" else (run_.args.harness,)
     stacks, flights = asyncio.run(run(sizes, harnesses))
-    report = Report(command, sizes, args.quick, stacks, flights, load, when)
-    print(report.markdown())
-    if args.write:
-        write_section(args.results, report)
-        print(f"wrote {args.results}")
-    return 1 if report.missed() and args.fail_on_miss else 0
+    report = Report(run_, sizes, stacks, flights)
+    common.publish(run_, "ASGI overhead", report.markdown())
+    return 1 if report.missed() and run_.args.fail_on_miss else 0
 
 
 if __name__ == "__main__":

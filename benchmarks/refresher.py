@@ -6,28 +6,20 @@ Run from the repository root::
     python benchmarks/refresher.py --quick    # small sizes: a smoke run of every measurement
     python benchmarks/refresher.py --write    # also write the section in benchmarks/RESULTS.md
 
-Performance targets live here, never as timing assertions in tests. Correctness is asserted
-even here: a storm makes exactly one provider call, N expiring sessions make exactly N, and no
-more than ``max_concurrency`` token requests are ever in flight. The machine is noisy, so every
-timing is the median of several rounds, and A/B pairs (the refresher and its baseline) run
-interleaved, their order alternating from round to round.
+What each part measures, and how: benchmarks/README.md. Performance targets live here, never as
+timing assertions in tests; correctness is asserted even here (one provider call per storm, N for
+N sessions, never more than ``max_concurrency`` in flight).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
 import importlib
-import importlib.metadata
-import os
-import platform
+import operator
 import re
 import resource
-import shlex
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -35,15 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import common  # this directory is on sys.path when a benchmark runs
 import httpx
-import results  # this directory is on sys.path when a benchmark runs
+from common import EXPIRED, ISSUER, RecordingTransport, Series, check, row, table, verdict
 
 from asgi_token_refresh import OAuth2Client, Refresher, TokenParams, TokenSet
 from asgi_token_refresh.testing import FakeClock, FakeIdP
-
-ISSUER = "https://idp.test"
-EXPIRED = 300.0  # FakeIdP's default access-token lifetime: advancing this far makes tokens due
-RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
 FRESH_TARGET_NS = 1_000.0  # the refresher's own cost on the fresh path
 RELEASE_TARGET_US = 15.0  # per waiter, from the provider's response to the last waiter resumed
@@ -51,61 +40,28 @@ RELEASE_TARGET_US = 15.0  # per waiter, from the provider's response to the last
 
 @dataclass(frozen=True)
 class Sizes:
-    calls: int  # fresh path: calls per measurement per round
+    calls: int
     fresh_rounds: int
-    waiters: int  # storm: concurrent callers on one session
+    waiters: int
     storm_rounds: int
-    sessions: int  # distinct sessions expiring together
+    sessions: int
     session_rounds: int
 
 
+SIZES = {
+    "calls": "fresh path: calls per measurement per round",
+    "fresh_rounds": "fresh path: rounds",
+    "waiters": "storm: concurrent callers on one session",
+    "storm_rounds": "storm: rounds",
+    "sessions": "distinct sessions expiring together",
+    "session_rounds": "sessions: rounds",
+}
 FULL = Sizes(
     calls=100_000, fresh_rounds=9, waiters=10_000, storm_rounds=7, sessions=10_000, session_rounds=3
 )
 QUICK = Sizes(
     calls=2_000, fresh_rounds=3, waiters=500, storm_rounds=2, sessions=200, session_rounds=1
 )
-
-
-def _check(condition: bool, message: str) -> None:
-    """An assertion that ``python -O`` does not strip."""
-    if not condition:
-        raise AssertionError(message)
-
-
-# -- plumbing -------------------------------------------------------------------------------------
-
-
-class RecordingTransport(httpx.AsyncBaseTransport):
-    """Wraps the FakeIdP's transport: counts token requests, their peak concurrency, and notes
-    ``time.perf_counter()`` when each response comes back.
-
-    It yields to the event loop once before forwarding a request, as every network transport
-    does; the in-process ASGI transport never suspends on its own, so without this no two token
-    requests could ever overlap and the concurrency cap would be invisible.
-    """
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-        self.calls = 0
-        self.in_flight = 0
-        self.peak = 0
-        self.responded_at: list[float] = []
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.calls += 1
-        self.in_flight += 1
-        self.peak = max(self.peak, self.in_flight)
-        try:
-            await asyncio.sleep(0)
-            response = await self.inner.handle_async_request(request)
-        finally:
-            self.in_flight -= 1
-        self.responded_at.append(time.perf_counter())
-        return response
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 @dataclass
@@ -123,20 +79,11 @@ class Provider:
         clock = FakeClock()
         idp = FakeIdP(issuer=ISSUER, clock=clock, latency=latency)
         transport = RecordingTransport(idp.transport())
-        client = OAuth2Client(
-            client_id="app",
-            client_secret="app-secret",
-            token_endpoint=f"{ISSUER}/token",
-            transport=transport,
-            clock=clock,
-        )
+        client = common.client(transport, clock)
         return cls(clock, idp, transport, client, Refresher(client, jitter=0))
 
     def login(self, subject: str = "alice") -> TokenSet:
-        """A session's first token set, as the login callback would store it."""
-        return TokenSet.from_token_response(
-            self.idp.issue(subject), issued_at=self.clock.time(), default_lifetime=3600.0
-        )
+        return common.login(self.idp, self.clock, subject)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -157,71 +104,6 @@ def peak_rss_mib() -> float:
     """The process's peak resident set size so far (``ru_maxrss``: KiB on Linux)."""
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / (1024 * 1024) if sys.platform == "darwin" else maxrss / 1024
-
-
-def cpu_model() -> str:
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or "unknown"
-    match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
-    return match.group(1).strip() if match else "unknown"
-
-
-def code_version() -> str:
-    """The commit measured, and whether the library's files differ from it."""
-    root = Path(__file__).resolve().parent.parent
-
-    def git(*args: str) -> str:
-        return subprocess.run(  # noqa: S603 - fixed arguments, no shell
-            ["git", *args],  # noqa: S607 - git from PATH, as a developer runs it
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--", "asgi_token_refresh")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    if not changed:
-        return f"commit {commit}"
-    return f"commit {commit} + uncommitted changes to {len(changed.splitlines())} library file(s)"
-
-
-def nproc() -> int:
-    """CPUs this process may run on, as ``nproc`` counts them."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def version_of(distribution: str) -> str | None:
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-@dataclass
-class Series:
-    """One measurement's value in every round."""
-
-    values: list[float] = field(default_factory=list)
-
-    @property
-    def median(self) -> float:
-        return statistics.median(self.values)
-
-    @property
-    def low(self) -> float:
-        return min(self.values)
-
-    @property
-    def high(self) -> float:
-        return max(self.values)
 
 
 # -- 1. the fresh path ----------------------------------------------------------------------------
@@ -266,16 +148,17 @@ async def time_refresh_due(subject: _EnsureFresh, token_set: TokenSet, n: int) -
     return (time.perf_counter_ns() - start) / n
 
 
-Runner = Callable[[int], Awaitable[float]]
+Runner = Callable[[int], Awaitable[float]]  # ns per call, over that many calls
 
 
 @dataclass
 class FreshRow:
     label: str
-    series: Series
+    run: Runner
     baseline: str | None = None  # key of the baseline row this one is net of
     target_ns: float | None = None
     note: str = ""
+    series: Series = field(default_factory=Series)
 
 
 @dataclass
@@ -307,7 +190,7 @@ async def _authlib_runner(
     )
     cleanups.append(client.aclose)
     token = client.token
-    _check(not token.is_expired(leeway=client.leeway), "the Authlib token must be fresh")
+    check(not token.is_expired(leeway=client.leeway), "the Authlib token must be fresh")
 
     async def run(n: int) -> float:
         start = time.perf_counter_ns()
@@ -358,81 +241,79 @@ def _httpx_auth_runners(skipped: list[str]) -> tuple[Runner, Runner] | None:
 
 async def bench_fresh(sizes: Sizes, *, compare: bool) -> FreshResults:
     # The real clock, as in production (FakeClock takes a lock on every reading).
-    client = OAuth2Client(
-        client_id="app", client_secret="app-secret", token_endpoint=f"{ISSUER}/token"
-    )
+    client = common.client()
     refresher = Refresher(client, jitter=0)
     now = time.time()
     token_set = TokenSet(
         access_token="at", refresh_token="rt", issued_at=now, expires_at=now + 3600
     )
-    _check(not refresher.refresh_due(token_set), "the token set must be fresh")
+    check(not refresher.refresh_due(token_set), "the token set must be fresh")
     baseline = Baseline()
-    _check(await refresher.ensure_fresh(token_set) is token_set, "fresh path must return as is")
+    check(await refresher.ensure_fresh(token_set) is token_set, "fresh path must return as is")
 
-    runners: dict[str, Runner] = {
-        "noop_async": lambda n: time_ensure_fresh(baseline, token_set, n),
-        "ensure_fresh": lambda n: time_ensure_fresh(refresher, token_set, n),
-        "noop_sync": lambda n: time_refresh_due(baseline, token_set, n),
-        "refresh_due": lambda n: time_refresh_due(refresher, token_set, n),
-    }
     rows = {
         "ensure_fresh": FreshRow(
-            "`await refresher.ensure_fresh(ts)`", Series(), "noop_async", FRESH_TARGET_NS
+            "`await refresher.ensure_fresh(ts)`",
+            lambda n: time_ensure_fresh(refresher, token_set, n),
+            "noop_async",
+            FRESH_TARGET_NS,
         ),
-        "noop_async": FreshRow("`await noop.ensure_fresh(ts)` (baseline)", Series()),
-        "refresh_due": FreshRow("`refresher.refresh_due(ts)`", Series(), "noop_sync"),
-        "noop_sync": FreshRow("`noop.refresh_due(ts)` (baseline)", Series()),
+        "noop_async": FreshRow(
+            "`await noop.ensure_fresh(ts)` (baseline)",
+            lambda n: time_ensure_fresh(baseline, token_set, n),
+        ),
+        "refresh_due": FreshRow(
+            "`refresher.refresh_due(ts)`",
+            lambda n: time_refresh_due(refresher, token_set, n),
+            "noop_sync",
+        ),
+        "noop_sync": FreshRow(
+            "`noop.refresh_due(ts)` (baseline)", lambda n: time_refresh_due(baseline, token_set, n)
+        ),
     }
     skipped: list[str] = []
     cleanups: list[Callable[[], Awaitable[None]]] = [client.aclose]
     if compare:
-        authlib = await _authlib_runner(skipped, cleanups)
-        if authlib is not None:
-            runners["authlib"] = authlib
+        if authlib := await _authlib_runner(skipped, cleanups):
+            version = common.version_of("authlib")
             rows["authlib"] = FreshRow(
-                f"Authlib {version_of('authlib')} `await client.ensure_active_token(token)`",
-                Series(),
+                f"Authlib {version} `await client.ensure_active_token(token)`",
+                authlib,
                 "noop_async",
             )
-        httpx_auth = _httpx_auth_runners(skipped)
-        if httpx_auth is not None:
-            runners["httpx_auth_flow"], runners["httpx_auth_lookup"] = httpx_auth
-            version = version_of("httpx-auth")
+        if httpx_auth := _httpx_auth_runners(skipped):
+            version = common.version_of("httpx-auth")
             rows["httpx_auth_flow"] = FreshRow(
                 f"httpx-auth {version} `OAuth2ClientCredentials.auth_flow` (one request)",
-                Series(),
+                httpx_auth[0],
                 "noop_sync",
                 note="sync; includes setting the Authorization header",
             )
             rows["httpx_auth_lookup"] = FreshRow(
                 f"httpx-auth {version} `OAuth2.token_cache.get_token(key)`",
-                Series(),
+                httpx_auth[1],
                 "noop_sync",
                 note="sync; the cached-token lookup alone",
             )
 
-    names = list(runners)
-    for name in names:  # warm up: first calls, caches, specialisation
-        await runners[name](min(sizes.calls, 10_000))
+    for measured in rows.values():  # warm up: first calls, caches, specialisation
+        await measured.run(min(sizes.calls, 10_000))
     gc.collect()
     gc.disable()  # as timeit does: a collection mid-loop is noise, not the code's cost
     try:
         for round_ in range(sizes.fresh_rounds):
-            # Rotate the order so that no measurement always runs first or after the same one.
-            shift = round_ % len(names)
-            for name in names[shift:] + names[:shift]:
-                rows[name].series.values.append(await runners[name](sizes.calls))
+            for measured in common.rotated(list(rows.values()), round_):
+                measured.series.values.append(await measured.run(sizes.calls))
     finally:
         gc.enable()
     for cleanup in cleanups:
         await cleanup()
 
-    net: dict[str, Series] = {}
-    for name, row in rows.items():
-        if row.baseline is not None:
-            base = rows[row.baseline].series.values
-            net[name] = Series([a - b for a, b in zip(row.series.values, base, strict=True)])
+    net = {
+        name: common.pairwise(measured.series, rows[measured.baseline].series, operator.sub)
+        for name, measured in rows.items()
+        if measured.baseline is not None
+    }
     return FreshResults(rows, net, skipped)
 
 
@@ -477,16 +358,16 @@ async def storm_round(waiters: int) -> tuple[int, float, float]:
     await asyncio.sleep(0)  # every task runs up to its wait on the (one) flight
     joined = time.perf_counter()
     await gate.arrived(1)
-    _check(remaining == waiters, "no caller may finish before the provider answers")
+    check(remaining == waiters, "no caller may finish before the provider answers")
     gate.release()
     await everyone
     calls = provider.idp.token_calls("refresh_token")
-    _check(calls == 1, f"a storm on one session made {calls} provider calls, not 1")
-    _check(provider.transport.calls == 1, "the transport saw more than one token request")
+    check(calls == 1, f"a storm on one session made {calls} provider calls, not 1")
+    check(provider.transport.calls == 1, "the transport saw more than one token request")
     first = results[0]
-    _check(first is not None and first.refresh_token != session.refresh_token, "not refreshed")
-    _check(all(r is first for r in results), "every waiter must get the same token set")
-    _check(all(t.done() for t in tasks), "every task must have finished")
+    check(first is not None and first.refresh_token != session.refresh_token, "not refreshed")
+    check(all(r is first for r in results), "every waiter must get the same token set")
+    check(all(t.done() for t in tasks), "every task must have finished")
     released = (max(resumed) - provider.transport.responded_at[0]) / waiters
     await provider.aclose()
     return calls, released * 1e6, (joined - start) / waiters * 1e6
@@ -521,7 +402,7 @@ async def floor_round(waiters: int) -> float:
     await asyncio.sleep(0)
     loop.call_soon(release)
     await everyone
-    _check(all(t.done() for t in tasks), "every task must have finished")
+    check(all(t.done() for t in tasks), "every task must have finished")
     return (max(resumed) - released_at) / waiters * 1e6
 
 
@@ -529,9 +410,8 @@ async def bench_storm(sizes: Sizes) -> StormResults:
     out = StormResults(sizes.waiters, [], Series(), Series(), Series())
     await storm_round(min(sizes.waiters, 100))  # warm up (imports, the I/O loop, the pool)
     for round_ in range(sizes.storm_rounds):
-        order = (False, True) if round_ % 2 else (True, False)
-        for refresher_first in order:
-            if refresher_first:
+        for refresher in common.rotated([True, False], round_):
+            if refresher:
                 calls, released, joined = await storm_round(sizes.waiters)
                 out.provider_calls.append(calls)
                 out.release_us.values.append(released)
@@ -571,15 +451,15 @@ async def sessions_round(n: int, latency: float) -> tuple[int, int, float, float
     wall = time.perf_counter() - start
     after = rss_mib()
     calls = provider.idp.token_calls("refresh_token")
-    _check(calls == n, f"{n} expiring sessions made {calls} provider calls")
-    _check(provider.transport.calls == n, "the transport saw a different number of requests")
+    check(calls == n, f"{n} expiring sessions made {calls} provider calls")
+    check(provider.transport.calls == n, "the transport saw a different number of requests")
     peak = provider.transport.peak
-    _check(
+    check(
         peak == refresher.max_concurrency,
         f"peak of {peak} concurrent token requests, max_concurrency is {refresher.max_concurrency}",
     )
-    _check(len({r.refresh_token for r in results}) == n, "every session must get its own tokens")
-    _check(
+    check(len({r.refresh_token for r in results}) == n, "every session must get its own tokens")
+    check(
         all(r.refresh_token != s.refresh_token for r, s in zip(results, sessions, strict=True)),
         "every session must be refreshed",
     )
@@ -608,152 +488,129 @@ async def bench_sessions(sizes: Sizes, latency: float) -> SessionsResults:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def fmt_ns(ns: float) -> str:
-    return f"{ns / 1000:.2f} µs" if abs(ns) >= 10_000 else f"{ns:.0f} ns"
+def ns(x: float) -> str:
+    return f"{x / 1000:.2f} µs" if abs(x) >= 10_000 else f"{x:.0f} ns"
 
 
-def fmt_range(series: Series, fmt: Callable[[float], str]) -> str:
-    return f"{fmt(series.low)} to {fmt(series.high)}"
+def us(x: float) -> str:
+    return f"{x:.2f} µs"
 
 
-def verdict(ok: bool) -> str:
-    return "✅ met" if ok else "❌ missed"
+def secs(x: float) -> str:
+    return f"{x:.2f} s"
+
+
+def rate(x: float) -> str:
+    return f"{x:,.0f} /s"
+
+
+def mib(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f} MiB"
+
+
+def growth(before: float | None, after: float | None) -> str | None:
+    if before is None or after is None:
+        return None
+    return f"{mib(after - before)} ({mib(before)} → {mib(after)})"
 
 
 @dataclass
 class Report:
-    command: str
+    run: common.Run
     sizes: Sizes
-    quick: bool
-    latency: float
     fresh: FreshResults
     storm: StormResults
     sessions: SessionsResults
     peak_rss_mib: float
     rss_start_mib: float | None
     rss_end_mib: float | None
-    when: str
-
-    def environment(self) -> list[str]:
-        libs = ", ".join(
-            f"{name} {version_of(name)}"
-            for name in ("httpx", "authlib", "httpx-auth")
-            if version_of(name) is not None
-        )
-        return [
-            f"- Date: {self.when}",
-            f"- Python: {platform.python_implementation()} {platform.python_version()} "
-            f"({platform.platform()}); {libs}",
-            f"- Code: {code_version()}",
-            f"- Machine: nproc {nproc()} ({os.cpu_count()} CPUs), {cpu_model()}",
-            f"- Command (from the repository root): `{self.command}`",
-            f"- Sizes: {self.sizes.calls:,} calls x {self.sizes.fresh_rounds} rounds (fresh path); "
-            f"{self.sizes.waiters:,} waiters x {self.sizes.storm_rounds} rounds (storm); "
-            f"{self.sizes.sessions:,} sessions x {self.sizes.session_rounds} rounds; "
-            f"FakeIdP latency {self.latency * 1000:g} ms"
-            + (" — **quick smoke run: sizes too small for the targets**" if self.quick else ""),
-        ]
-
-    def table(self) -> list[str]:
-        lines = [
-            "| # | measurement | median | range over rounds | target | |",
-            "|---|---|---|---|---|---|",
-        ]
-        fresh = self.fresh
-        for name, row in fresh.rows.items():
-            note = f" ({row.note})" if row.note else ""
-            lines.append(
-                f"| 1 | {row.label}{note} | {fmt_ns(row.series.median)} | "
-                f"{fmt_range(row.series, fmt_ns)} | | |"
-            )
-            if row.baseline is not None:
-                net = fresh.net[name]
-                target, ok = "", ""
-                if row.target_ns is not None:
-                    target = f"≤ {fmt_ns(row.target_ns)}"
-                    ok = verdict(net.median <= row.target_ns)
-                lines.append(
-                    f"| 1 | ↳ net of {fresh.rows[row.baseline].label.split(' (')[0]} | "
-                    f"{fmt_ns(net.median)} | {fmt_range(net, fmt_ns)} | {target} | {ok} |"
-                )
-        for skipped in fresh.skipped:
-            lines.append(f"| 1 | {skipped} | skipped | | | |")
-
-        storm = self.storm
-
-        def us(x: float) -> str:
-            return f"{x:.2f} µs"
-
-        calls = sorted(set(storm.provider_calls))
-        lines += [
-            f"| 2 | storm: {storm.waiters:,} callers on one expiring session → provider calls | "
-            f"{', '.join(map(str, calls))} (every round) | | exactly 1 | "
-            f"{verdict(calls == [1])} |",
-            f"| 2 | storm: release, provider response → last waiter resumed, per waiter | "
-            f"{us(storm.release_us.median)} | {fmt_range(storm.release_us, us)} | "
-            f"≤ {RELEASE_TARGET_US:g} µs | "
-            f"{verdict(storm.release_us.median <= RELEASE_TARGET_US)} |",
-            f"| 2 | ↳ bare asyncio floor: {storm.waiters:,} tasks on {storm.waiters:,} futures "
-            f"set in one callback, per waiter | {us(storm.floor_us.median)} | "
-            f"{fmt_range(storm.floor_us, us)} | | |",
-            f"| 2 | storm: join, task created → waiting on the flight, per caller | "
-            f"{us(storm.join_us.median)} | {fmt_range(storm.join_us, us)} | | |",
-        ]
-
-        s = self.sessions
-        calls = sorted(set(s.provider_calls))
-        peaks = sorted(set(s.peaks))
-
-        def secs(x: float) -> str:
-            return f"{x:.2f} s"
-
-        def rate(x: float) -> str:
-            return f"{x:,.0f} /s"
-
-        def mib(x: float | None) -> str:
-            return "n/a" if x is None else f"{x:.1f} MiB"
-
-        lines += [
-            f"| 3 | {s.sessions:,} sessions expiring together → provider calls | "
-            f"{', '.join(f'{c:,}' for c in calls)} (every round) | | exactly {s.sessions:,} | "
-            f"{verdict(calls == [s.sessions])} |",
-            f"| 3 | peak concurrent token requests at the transport | "
-            f"{', '.join(map(str, peaks))} (every round) | | = max_concurrency "
-            f"({s.max_concurrency}) | {verdict(peaks == [s.max_concurrency])} |",
-            f"| 3 | wall time for all {s.sessions:,} | {secs(s.wall_s.median)} | "
-            f"{fmt_range(s.wall_s, secs)} | | |",
-            f"| 3 | throughput | {rate(s.calls_per_s.median)} | "
-            f"{fmt_range(s.calls_per_s, rate)} | | |",
-            f"| 3 | peak RSS of the process (`ru_maxrss`, whole run) | {mib(self.peak_rss_mib)} | "
-            "| | |",
-        ]
-        if s.round_growth_mib.values:
-            lines.append(
-                f"| 3 | RSS growth during one round (VmRSS, its state still alive) | "
-                f"{mib(s.round_growth_mib.median)} | "
-                f"{fmt_range(s.round_growth_mib, mib)} | | |"
-            )
-        if s.rss_before_mib is not None and s.rss_after_mib is not None:
-            lines.append(
-                f"| 3 | RSS growth across part 3 (VmRSS before → after all rounds, after gc) | "
-                f"{mib(s.rss_after_mib - s.rss_before_mib)} "
-                f"({mib(s.rss_before_mib)} → {mib(s.rss_after_mib)}) | | | |"
-            )
-        if self.rss_start_mib is not None and self.rss_end_mib is not None:
-            lines.append(
-                f"| | RSS growth across the whole run (VmRSS at start → end, after gc) | "
-                f"{mib(self.rss_end_mib - self.rss_start_mib)} "
-                f"({mib(self.rss_start_mib)} → {mib(self.rss_end_mib)}) | | | |"
-            )
-        return lines
 
     def markdown(self) -> str:
-        return "\n".join([*self.environment(), "", *self.table()]) + "\n"
+        z = self.sizes
+        environment = self.run.environment(
+            ["httpx", "authlib", "httpx-auth"],
+            f"{z.calls:,} calls x {z.fresh_rounds} rounds (fresh path); "
+            f"{z.waiters:,} waiters x {z.storm_rounds} rounds (storm); "
+            f"{z.sessions:,} sessions x {z.session_rounds} rounds; "
+            f"FakeIdP latency {self.run.args.idp_latency * 1000:g} ms",
+        )
+        lines = table("#", "measurement", "median", "range over rounds", "target", "")
 
+        def add(part: object, what: str, value: str, spread: str = "", *verdict_: str) -> None:
+            lines.append(row(part, what, value, spread, *(verdict_ or ("", ""))))
 
-def write_section(path: Path, report: Report) -> None:
-    """Replace this script's section of ``path`` (or add it), leaving the rest alone."""
-    results.write_section(path, "refresher.py", "Refresher", report.markdown())
+        fresh = self.fresh
+        for name, measured in fresh.rows.items():
+            note = f" ({measured.note})" if measured.note else ""
+            add(1, measured.label + note, *measured.series.cells(ns))
+            if measured.baseline is not None:
+                net, target = fresh.net[name], measured.target_ns
+                baseline = fresh.rows[measured.baseline].label.split(" (")[0]
+                met = () if target is None else (f"≤ {ns(target)}", verdict(net.median <= target))
+                add(1, f"↳ net of {baseline}", *net.cells(ns), *met)
+        for skipped in fresh.skipped:
+            add(1, skipped, "skipped")
+
+        st, n = self.storm, f"{self.storm.waiters:,}"
+        calls = sorted(set(st.provider_calls))
+        add(
+            2,
+            f"storm: {n} callers on one expiring session → provider calls",
+            f"{', '.join(map(str, calls))} (every round)",
+            "",
+            "exactly 1",
+            verdict(calls == [1]),
+        )
+        add(
+            2,
+            "storm: release, provider response → last waiter resumed, per waiter",
+            *st.release_us.cells(us),
+            f"≤ {RELEASE_TARGET_US:g} µs",
+            verdict(st.release_us.median <= RELEASE_TARGET_US),
+        )
+        add(
+            2,
+            f"↳ bare asyncio floor: {n} tasks on {n} futures set in one callback, per waiter",
+            *st.floor_us.cells(us),
+        )
+        add(
+            2,
+            "storm: join, task created → waiting on the flight, per caller",
+            *st.join_us.cells(us),
+        )
+
+        s, n = self.sessions, f"{self.sessions.sessions:,}"
+        calls, peaks = sorted(set(s.provider_calls)), sorted(set(s.peaks))
+        add(
+            3,
+            f"{n} sessions expiring together → provider calls",
+            f"{', '.join(f'{c:,}' for c in calls)} (every round)",
+            "",
+            f"exactly {n}",
+            verdict(calls == [s.sessions]),
+        )
+        add(
+            3,
+            "peak concurrent token requests at the transport",
+            f"{', '.join(map(str, peaks))} (every round)",
+            "",
+            f"= max_concurrency ({s.max_concurrency})",
+            verdict(peaks == [s.max_concurrency]),
+        )
+        add(3, f"wall time for all {n}", *s.wall_s.cells(secs))
+        add(3, "throughput", *s.calls_per_s.cells(rate))
+        add(3, "peak RSS of the process (`ru_maxrss`, whole run)", mib(self.peak_rss_mib))
+        if s.round_growth_mib.values:
+            add(
+                3,
+                "RSS growth during one round (VmRSS, its state still alive)",
+                *s.round_growth_mib.cells(mib),
+            )
+        if part3 := growth(s.rss_before_mib, s.rss_after_mib):
+            add(3, "RSS growth across part 3 (VmRSS before → after all rounds, after gc)", part3)
+        if whole := growth(self.rss_start_mib, self.rss_end_mib):
+            add("", "RSS growth across the whole run (VmRSS at start → end, after gc)", whole)
+        return "\n".join([*environment, "", *lines]) + "\n"
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -769,63 +626,33 @@ async def run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args_list = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(
-        description="Benchmark the Refresher: fresh path, refresh storm, many sessions."
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes: a fast smoke run")
-    parser.add_argument("--write", action="store_true", help=f"update the section in {RESULTS_MD}")
-    parser.add_argument("--results", type=Path, default=RESULTS_MD, help="file for --write")
-    parser.add_argument("--calls", type=int, help="fresh path: calls per measurement per round")
-    parser.add_argument("--fresh-rounds", type=int)
-    parser.add_argument("--waiters", type=int, help="storm: concurrent callers on one session")
-    parser.add_argument("--storm-rounds", type=int)
-    parser.add_argument("--sessions", type=int, help="distinct sessions expiring together")
-    parser.add_argument("--session-rounds", type=int)
-    parser.add_argument(
-        "--idp-latency", type=float, default=0.0, help="FakeIdP latency per token request, in s"
-    )
-    parser.add_argument(
-        "--no-compare", action="store_true", help="skip the Authlib and httpx-auth comparisons"
-    )
-    parser.add_argument(
-        "--fail-on-miss", action="store_true", help="exit 1 if a timing target is missed"
-    )
-    args = parser.parse_args(args_list)
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--idp-latency", type=float, default=0.0, help="FakeIdP latency per token request, in s"
+        )
+        parser.add_argument(
+            "--no-compare", action="store_true", help="skip the Authlib and httpx-auth comparisons"
+        )
+        parser.add_argument(
+            "--fail-on-miss", action="store_true", help="exit 1 if a timing target is missed"
+        )
 
-    base = QUICK if args.quick else FULL
-    sizes = Sizes(
-        calls=args.calls or base.calls,
-        fresh_rounds=args.fresh_rounds or base.fresh_rounds,
-        waiters=args.waiters or base.waiters,
-        storm_rounds=args.storm_rounds or base.storm_rounds,
-        sessions=args.sessions or base.sessions,
-        session_rounds=args.session_rounds or base.session_rounds,
+    run_ = common.parse(
+        "refresher.py",
+        "Benchmark the Refresher: fresh path, refresh storm, many sessions.",
+        argv,
+        SIZES,
+        add_arguments,
     )
-    command = shlex.join(["python", "benchmarks/refresher.py", *args_list])
-    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    args = run_.args
+    sizes = common.sizes(args, FULL, QUICK)
     rss_start = rss_mib()
     fresh, storm, sessions = asyncio.run(
         run(sizes, compare=not args.no_compare, latency=args.idp_latency)
     )
     gc.collect()
-    report = Report(
-        command=command,
-        sizes=sizes,
-        quick=args.quick,
-        latency=args.idp_latency,
-        fresh=fresh,
-        storm=storm,
-        sessions=sessions,
-        peak_rss_mib=peak_rss_mib(),
-        rss_start_mib=rss_start,
-        rss_end_mib=rss_mib(),
-        when=when,
-    )
-    print(report.markdown())
-    if args.write:
-        write_section(args.results, report)
-        print(f"wrote {args.results}")
+    report = Report(run_, sizes, fresh, storm, sessions, peak_rss_mib(), rss_start, rss_mib())
+    common.publish(run_, "Refresher", report.markdown())
     missed = (
         fresh.net["ensure_fresh"].median > FRESH_TARGET_NS
         or storm.release_us.median > RELEASE_TARGET_US

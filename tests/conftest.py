@@ -7,11 +7,10 @@ from collections.abc import Iterator
 import pytest
 
 from asgi_token_refresh import OAuth2Client, Refresher
-from asgi_token_refresh._ioloop import io_loop
 from asgi_token_refresh.testing import FakeClock, FakeIdP
 
 from .helpers import ISSUER
-from .redis_server import RedisServer, running_redis
+from .processes import RedisServer, running_redis
 
 
 @pytest.fixture
@@ -32,16 +31,14 @@ def idp(clock: FakeClock) -> Iterator[FakeIdP]:
 
 
 @pytest.fixture
-def client(idp: FakeIdP, clock: FakeClock) -> Iterator[OAuth2Client]:
-    oauth = OAuth2Client.from_discovery(
+def client(idp: FakeIdP, clock: FakeClock) -> OAuth2Client:
+    return OAuth2Client.from_discovery(
         ISSUER,
         client_id="app",
         client_secret="app-secret",
         transport=idp.transport(),
         clock=clock,
     )
-    yield oauth
-    io_loop.run_sync(oauth.aclose())
 
 
 @pytest.fixture

@@ -17,5 +17,4 @@ def login(idp: FakeIdP, clock: FakeClock, subject: str = "alice") -> TokenSet:
 
 def waiting(refresher: Refresher) -> int:
     """Callers currently parked on a flight (to line up concurrency; never asserted on)."""
-    with refresher._lock:
-        return sum(len(flight.waiters) for flight in refresher._flights.values())
+    return refresher.waiting

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .redis_server import RedisServer
+from .processes import RedisServer
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 

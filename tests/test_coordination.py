@@ -19,7 +19,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +41,7 @@ from asgi_token_refresh import (
     TokenSet,
 )
 from asgi_token_refresh._coordination import Published, encode_outcome
-from asgi_token_refresh._ioloop import io_loop
-from asgi_token_refresh._refresher import _COORDINATOR_RETRY
+from asgi_token_refresh._exchange import COORDINATOR_RETRY
 from asgi_token_refresh.redis import RedisCoordinator
 from asgi_token_refresh.testing import (
     CapturedTelemetry,
@@ -54,7 +53,7 @@ from asgi_token_refresh.testing import (
 )
 
 from .helpers import ISSUER, login
-from .redis_server import RedisServer, running_redis
+from .processes import RedisServer, running_redis
 from .workers.cluster import Cluster, Worker
 
 pytestmark = pytest.mark.anyio
@@ -97,9 +96,6 @@ class Watched:
 
     async def release(self, lease: Lease) -> None:
         await self.inner.release(lease)
-
-    async def lookup(self, key: str) -> Published | None:
-        return await self.inner.lookup(key)
 
     async def wait(self, key: str, timeout: float) -> Published | None:  # noqa: ASYNC109
         self.waiting += 1
@@ -151,9 +147,6 @@ class Processes:
             await process.coordinator.inner.aclose()
             process.telemetry.shutdown()
 
-    def close(self) -> None:
-        io_loop.run_sync(self.aclose())
-
 
 @pytest.fixture(params=KINDS)
 def kind(request: pytest.FixtureRequest) -> str:
@@ -174,14 +167,14 @@ def make_coordinator(
 
 
 @pytest.fixture
-def processes(
+async def processes(
     idp: FakeIdP, clock: FakeClock, make_coordinator: Callable[[], AnyCoordinator]
-) -> Iterator[Processes]:
+) -> AsyncIterator[Processes]:
     started = Processes(idp, clock, make_coordinator)
     try:
         yield started
     finally:
-        started.close()
+        await started.aclose()
 
 
 @pytest.fixture
@@ -511,14 +504,14 @@ async def test_redis_down_mid_storm_degrades_to_local_then_coordination_resumes(
         assert idp.token_calls("refresh_token") == 1
 
         # Within the retry window the process coordinates locally without trying Redis.
-        second = await asyncio.gather(*(a.refresher.refresh(first) for _ in range(50)))
+        second = await asyncio.gather(*(a.refresher.renew(first) for _ in range(50)))
         assert len({t.access_token for t in second}) == 1
         assert idp.token_calls("refresh_token") == 2
         assert a.telemetry.value(COORDINATOR_ERRORS) == 1
 
         # After it, Redis is tried again: still down, counted, but logged once per outage.
-        clock.advance(_COORDINATOR_RETRY + 0.1)
-        third = await asyncio.gather(*(a.refresher.refresh(second[0]) for _ in range(50)))
+        clock.advance(COORDINATOR_RETRY + 0.1)
+        third = await asyncio.gather(*(a.refresher.renew(second[0]) for _ in range(50)))
         assert len({t.access_token for t in third}) == 1
         assert a.telemetry.value(COORDINATOR_ERRORS) == 2
         assert caplog.text.count("redis coordinator unavailable") == 1
@@ -527,19 +520,19 @@ async def test_redis_down_mid_storm_degrades_to_local_then_coordination_resumes(
         # Redis is back, but until the retry window has passed nobody asks it.
         private_redis.start()
         claims = scripts_run(private_redis)
-        fourth = await asyncio.gather(*(a.refresher.refresh(third[0]) for _ in range(50)))
+        fourth = await asyncio.gather(*(a.refresher.renew(third[0]) for _ in range(50)))
         assert len({t.access_token for t in fourth}) == 1
         assert scripts_run(private_redis) == claims
         # After it, flights coordinate through Redis again.
-        clock.advance(_COORDINATOR_RETRY + 0.1)
-        fifth = await asyncio.gather(*(a.refresher.refresh(fourth[0]) for _ in range(50)))
+        clock.advance(COORDINATOR_RETRY + 0.1)
+        fifth = await asyncio.gather(*(a.refresher.renew(fourth[0]) for _ in range(50)))
         assert len({t.access_token for t in fifth}) == 1
         assert scripts_run(private_redis) == claims + 2  # claim, publish
         assert a.telemetry.value(COORDINATOR_ERRORS) == 2
         assert "redis coordinator is back" in caplog.text
         # Another process finds that refresh in Redis (it holds the generation before it).
         b = processes.new()
-        straggler = await b.refresher.refresh(fourth[0])
+        straggler = await b.refresher.renew(fourth[0])
         assert straggler.access_token == fifth[0].access_token
         assert idp.token_calls("refresh_token") == 5
         assert b.telemetry.value(TOKEN_REQUESTS, dedupe="distributed") == 1
@@ -566,7 +559,7 @@ async def test_a_process_that_only_follows_notices_redis_is_back(
         private_redis.stop()
         await a.refresher.ensure_fresh(alice)  # first outage: local
         private_redis.start()
-        clock.advance(_COORDINATOR_RETRY + 0.1)
+        clock.advance(COORDINATOR_RETRY + 0.1)
         new_bob = await b.refresher.ensure_fresh(bob)  # B leads through Redis...
         assert (await a.refresher.ensure_fresh(bob)).access_token == new_bob.access_token
         assert "redis coordinator is back" in caplog.text  # ...and A, following, sees it
@@ -666,16 +659,15 @@ async def test_file_coordinator_ignores_expired_outcomes_and_leaves_no_lock_file
     try:
         session = login(idp, clock)
         key = grant_key(coordinator, session.refresh_token)
-        lease = await io_loop.run(coordinator.try_lead(key, 10.0))
+        lease = await coordinator.try_lead(key, 10.0)
         assert isinstance(lease, Lease)
         assert list((tmp_path / "locks").iterdir()) != []
-        await io_loop.run(coordinator.publish(lease, session, 0.0))  # expired at once
+        await coordinator.publish(lease, session, 0.0)  # expired at once
         assert list((tmp_path / "locks").iterdir()) == []
-        assert await io_loop.run(coordinator.lookup(key)) is None
-        lease = await io_loop.run(coordinator.try_lead(key, 10.0))
+        lease = await coordinator.try_lead(key, 10.0)  # nothing published: it leads again
         assert isinstance(lease, Lease)
-        await io_loop.run(coordinator.publish(lease, session, 60.0))
-        published = await io_loop.run(coordinator.lookup(key))
+        await coordinator.publish(lease, session, 60.0)
+        published = await coordinator.try_lead(key, 10.0)
         assert isinstance(published, TokenSet)
         assert published.access_token == session.access_token
         assert list((tmp_path / "locks").iterdir()) == []
@@ -693,7 +685,7 @@ async def test_file_coordinator_looks_again_once_it_holds_the_lock(
     try:
         session = login(idp, clock)
         key = grant_key(a, session.refresh_token)
-        lease = await io_loop.run(a.try_lead(key, 10.0))
+        lease = await a.try_lead(key, 10.0)
         assert isinstance(lease, Lease)
         lock = b._lock
 
@@ -702,7 +694,7 @@ async def test_file_coordinator_looks_again_once_it_holds_the_lock(
             return lock(grant)
 
         monkeypatch.setattr(b, "_lock", leader_finishes_first)
-        claim = await io_loop.run(b.try_lead(key, 10.0))
+        claim = await b.try_lead(key, 10.0)
         assert isinstance(claim, TokenSet)
         assert claim.access_token == session.access_token
         assert b._held == {}
@@ -718,19 +710,19 @@ async def test_file_coordinator_sweeps_lock_files_that_dead_leaders_left(tmp_pat
     try:
         stray = tmp_path / "locks" / f"{a.grant_key('dead')}.lock"
         stray.touch()
-        held = await io_loop.run(b.try_lead(a.grant_key("held"), 10.0))
+        held = await b.try_lead(a.grant_key("held"), 10.0)
         assert isinstance(held, Lease)
         an_hour_ago = time.time() - 3600
         for path in (tmp_path / "locks").iterdir():
             os.utime(path, (an_hour_ago, an_hour_ago))
-        lease = await io_loop.run(a.try_lead(a.grant_key("live"), 10.0))
+        lease = await a.try_lead(a.grant_key("live"), 10.0)
         assert isinstance(lease, Lease)
-        await io_loop.run(a.publish(lease, RefreshUnavailable("timeout", retry_after=1.0), 1.0))
+        await a.publish(lease, RefreshUnavailable("timeout", retry_after=1.0), 1.0)
         # The dead leader's file is gone; the one B holds stays (and B still holds it).
         assert [p.name for p in (tmp_path / "locks").iterdir()] == [f"{held.key}.lock"]
-        assert await io_loop.run(a.try_lead(held.key, 10.0)) is None
-        await io_loop.run(b.release(held))
-        assert isinstance(await io_loop.run(a.try_lead(held.key, 10.0)), Lease)
+        assert await a.try_lead(held.key, 10.0) is None
+        await b.release(held)
+        assert isinstance(await a.try_lead(held.key, 10.0), Lease)
     finally:
         await a.aclose()
         await b.aclose()
@@ -751,7 +743,7 @@ async def test_file_coordinator_gives_back_a_lease_its_caller_no_longer_wants(
             with pytest.raises(asyncio.CancelledError):
                 await claim
 
-        await io_loop.run(cancelled_claim())
+        await cancelled_claim()
         # Whether or not the thread took the lock, it is free again soon.
         leases: list[Lease | Published | None] = []
 
@@ -760,7 +752,7 @@ async def test_file_coordinator_gives_back_a_lease_its_caller_no_longer_wants(
             return isinstance(leases[-1], Lease)
 
         deadline = time.monotonic() + 5
-        while not await io_loop.run(claim_again()):
+        while not await claim_again():
             assert time.monotonic() < deadline, "the abandoned lease was never given back"
             await asyncio.sleep(0.005)
         assert a._held == {}
@@ -792,15 +784,15 @@ async def test_a_sigkilled_file_leader_frees_the_grant_at_once(tmp_path: Path) -
     try:
         assert leader.stdout is not None
         assert await leader.stdout.readline() == b"leading\n"
-        assert await io_loop.run(ours.try_lead(key, 60.0)) is None
-        waiting = asyncio.ensure_future(io_loop.run(ours.wait(key, 30.0)))
+        assert await ours.try_lead(key, 60.0) is None
+        waiting = asyncio.ensure_future(ours.wait(key, 30.0))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         leader.kill()
         killed = time.monotonic()
         assert await waiting is None  # the lease is gone: try to lead
         assert time.monotonic() - killed < 2.0  # at once, not after a lease TTL
-        assert isinstance(await io_loop.run(ours.try_lead(key, 60.0)), Lease)
+        assert isinstance(await ours.try_lead(key, 60.0), Lease)
     finally:
         if leader.returncode is None:
             leader.kill()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import re
-import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
 from asgi_token_refresh._demo import DemoConfig, run_demo
+
+from .processes import free_port, running, tail
 
 SMALL = DemoConfig(sessions=4, tabs=2, parallel=3, rounds=2, token_lifetime=1.0, latency=0.05)
 
@@ -28,17 +30,15 @@ def test_naive_refresh_loses_sessions_and_single_flight_keeps_them_all() -> None
     assert single_flight.failures == 0
 
 
-def test_serve_mode_exposes_library_metrics_for_prometheus() -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+def test_serve_mode_exposes_library_metrics_for_prometheus(tmp_path: Path) -> None:
+    port = free_port()
     command = [
         sys.executable, "-m", "asgi_token_refresh", "demo", "--serve",
         "--metrics-port", str(port), "--duration", "4", "--sessions", "3",
         "--tabs", "2", "--parallel", "2", "--token-lifetime", "1",
     ]  # fmt: skip
-    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
+    log = tmp_path / "demo.log"
+    with running(command, log=log) as demo:
         text = ""
         deadline = time.monotonic() + 30
         while (
@@ -46,20 +46,13 @@ def test_serve_mode_exposes_library_metrics_for_prometheus() -> None:
             or 'outcome="invalid_grant"' not in text
         ):
             assert time.monotonic() < deadline, text[-2000:]
-            assert demo.poll() is None, demo.stderr.read() if demo.stderr else ""
+            assert demo.poll() is None, tail(log)
             with contextlib.suppress(httpx.TransportError):
                 text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
             time.sleep(0.2)
         providers = set(re.findall(r'provider="([^"]+)"', text))
         assert providers == {"naive", "single-flight"}
         assert demo.wait(timeout=30) == 0
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
-        for stream in (demo.stdout, demo.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def test_demo_command_prints_the_comparison_and_exits_zero() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +29,7 @@ from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, serve
 from examples import fastapi_app, starlette_app
 from examples._common import OIDC, FilePendingLogins, MemoryPendingLogins, RedisPendingLogins
 
-from .redis_server import RedisServer
+from .processes import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -74,14 +73,6 @@ class Servers:
             list(pool.map(lambda server: server.__exit__(None, None, None), self._running))
 
 
-def free_port() -> int:
-    # The app must know its own URL (the redirect URI) before it is served.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(params=sorted(CREATE_APP))
 def framework(request: pytest.FixtureRequest) -> str:
     name: str = request.param
@@ -101,6 +92,7 @@ def stack(framework: str, store_kind: str, monkeypatch: pytest.MonkeyPatch) -> I
     servers = Servers()
     try:
         idp_url = servers.start(idp)
+        # The app must know its own URL (the redirect URI) before it is served.
         port = free_port()
         app_url = f"http://127.0.0.1:{port}"
         monkeypatch.setenv("OIDC_ISSUER", idp_url)
@@ -454,7 +446,8 @@ async def test_two_workers_share_logins_sessions_and_refreshes(
     servers = Servers()
     try:
         idp_url = servers.start(idp)
-        port_a, port_b = free_port(), free_port()
+        port_a = free_port()
+        port_b = free_port(avoid={port_a})
         app_url = f"http://127.0.0.1:{port_a}"  # the public URL: callbacks go to worker A
         monkeypatch.setenv("OIDC_ISSUER", idp_url)
         monkeypatch.setenv("OIDC_CLIENT_ID", "app")

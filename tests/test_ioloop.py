@@ -88,7 +88,7 @@ def test_testclient_requests_on_fresh_loops_and_sync_endpoints_share_the_refresh
         return JSONResponse({"token": token_set.access_token})
 
     def sync_endpoint(request: Request) -> JSONResponse:  # runs in Starlette's threadpool
-        token_set = refresher.ensure_fresh_sync(sessions["alice"])
+        token_set = refresher.sync.ensure_fresh(sessions["alice"])
         sessions["alice"] = token_set
         return JSONResponse({"token": token_set.access_token})
 

@@ -13,8 +13,7 @@ from asgi_token_refresh import (
     RefreshUnavailable,
     TokenEndpointError,
 )
-from asgi_token_refresh._ioloop import io_loop
-from asgi_token_refresh._oauth import (
+from asgi_token_refresh._oauth_messages import (
     build_authorization_url,
     build_token_request,
     pkce_challenge,
@@ -309,6 +308,14 @@ async def test_faults_surface_as_typed_errors_without_the_refresh_token(
     assert (session.refresh_token or "") not in rendered
 
 
+async def once(client: OAuth2Client) -> None:
+    """One client-credentials call on this loop, then close the loop's pool."""
+    try:
+        await client.client_credentials()
+    finally:
+        await client.aclose()
+
+
 def test_a_provider_that_does_not_answer_times_out_over_real_sockets() -> None:
     idp = FakeIdP(issuer=None)
     idp.script(Fault.hang())
@@ -320,9 +327,8 @@ def test_a_provider_that_does_not_answer_times_out_over_real_sockets() -> None:
             timeout=0.2,
         )
         with pytest.raises(RefreshUnavailable) as caught:
-            io_loop.run_sync(client.client_credentials())
+            asyncio.run(once(client))
         idp.close()
-        io_loop.run_sync(client.aclose())
     assert caught.value.reason == "timeout"
 
 
@@ -334,6 +340,5 @@ def test_an_unreachable_provider_is_a_network_error() -> None:
         client_id="app", client_secret="s", token_endpoint=f"http://127.0.0.1:{port}/token"
     )
     with pytest.raises(RefreshUnavailable) as caught:
-        io_loop.run_sync(client.client_credentials())
-    io_loop.run_sync(client.aclose())
+        asyncio.run(once(client))
     assert caught.value.reason == "network_error"

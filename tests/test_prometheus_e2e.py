@@ -34,9 +34,6 @@ import contextlib
 import json
 import math
 import re
-import shutil
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -50,6 +47,8 @@ import pytest
 import yaml
 
 from dashboards import lint
+
+from .processes import free_port, running, running_prometheus, tail
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARD_JSON = ROOT / "dashboards" / "asgi-token-refresh.json"
@@ -73,43 +72,6 @@ STORM_ALERTS = ("AsgiTokenRefreshStorm", "AsgiTokenRefreshInvalidGrantSpike")
 ALL = ".+"
 
 T = TypeVar("T")
-
-
-# -- processes ----------------------------------------------------------------------------------
-
-
-def _free_port(taken: set[int]) -> int:
-    while True:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port: int = probe.getsockname()[1]
-        if port != 9090 and port not in taken:  # 9090: a Prometheus of somebody else's
-            taken.add(port)
-            return port
-
-
-@contextlib.contextmanager
-def _running(command: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """Run ``command`` with its output in ``log``; always stop it, by its PID."""
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            command, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT
-        )
-        try:
-            yield process
-        finally:
-            if process.poll() is None:
-                process.terminate()  # SIGTERM to process.pid
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(timeout=10)
-
-
-def _tail(log: Path, lines: int = 30) -> str:
-    text = log.read_text(errors="replace") if log.exists() else ""
-    return f"--- {log.name} ---\n" + "\n".join(text.splitlines()[-lines:])
 
 
 # -- the Prometheus HTTP API --------------------------------------------------------------------
@@ -175,22 +137,11 @@ class Storm:
 
 
 @pytest.fixture(scope="module")
-def prometheus_binary() -> str:
-    path = shutil.which("prometheus")
-    if path is None:
-        pytest.fail(
-            "prometheus is not installed: run scripts/system-deps (it installs Debian's "
-            "prometheus package; scripts/test runs it first)",
-            pytrace=False,
-        )
-    return path
-
-
-@pytest.fixture(scope="module")
-def storm(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storm]:
+def storm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storm]:
     tmp = tmp_path_factory.mktemp("prometheus-e2e")
-    taken: set[int] = set()
-    metrics_port, prometheus_port = _free_port(taken), _free_port(taken)
+    metrics_port = free_port()
+    # 9090: Prometheus's default port, which a Prometheus of somebody else's may be about to take.
+    prometheus_port = free_port(avoid={metrics_port, 9090})
     instance = f"127.0.0.1:{metrics_port}"
 
     rules = yaml.safe_load(RULES.read_text())
@@ -206,13 +157,7 @@ def storm(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
     config_file = tmp / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
-    prometheus_log, demo_log = tmp / "prometheus.log", tmp / "demo.log"
-    prometheus = [
-        prometheus_binary,
-        f"--config.file={config_file}",
-        f"--storage.tsdb.path={tmp / 'data'}",
-        f"--web.listen-address=127.0.0.1:{prometheus_port}",
-    ]
+    demo_log = tmp / "demo.log"
     demo = [
         sys.executable, "-m", "asgi_token_refresh", "demo", "--serve",
         "--metrics-port", str(metrics_port), "--host", "127.0.0.1",
@@ -223,24 +168,20 @@ def storm(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "--rounds", "3", "--duration", "60",
     ]  # fmt: skip
 
-    def diagnostics() -> str:
-        return _tail(prometheus_log) + "\n" + _tail(demo_log)
-
     with (
-        _running(prometheus, prometheus_log) as prometheus_process,
-        _running(demo, demo_log) as demo_process,
+        running_prometheus(config_file, port=prometheus_port, workdir=tmp) as prometheus,
+        running(demo, log=demo_log) as demo_process,
     ):
-        api = PrometheusAPI(f"http://127.0.0.1:{prometheus_port}")
+        api = PrometheusAPI(prometheus.url)
+
+        def diagnostics() -> str:
+            return tail(prometheus.log) + "\n" + tail(demo_log)
 
         def alive() -> str:
-            for name, process in (("prometheus", prometheus_process), ("demo", demo_process)):
+            for name, process in (("prometheus", prometheus.process), ("demo", demo_process)):
                 if process.poll() is not None:
                     pytest.fail(f"{name} exited with {process.returncode}\n{diagnostics()}")
             return diagnostics()
-
-        def ready() -> bool | None:
-            alive()
-            return api.http.get("/-/ready").status_code == 200 or None
 
         def scraped(expr: str) -> Callable[[], bool | None]:
             def check() -> bool | None:
@@ -250,7 +191,6 @@ def storm(prometheus_binary: str, tmp_path_factory: pytest.TempPathFactory) -> I
             return check
 
         try:
-            _wait_until("Prometheus is ready", ready, 30, alive)
             _wait_until("the demo is scraped", scraped(f'up{{job="{JOB}"}} == 1'), 30, alive)
             # Single-flight records a refresh interval from a session's second refresh on: the
             # second burst. Naive's second burst is the same moment; a positive 10 s increase

@@ -1,11 +1,15 @@
 """The public surface is pinned: changing it must be a deliberate edit of this file."""
 
+import ast
+from pathlib import Path
+
 import asgi_token_refresh
+import asgi_token_refresh.kit
+import asgi_token_refresh.redis
 import asgi_token_refresh.testing
 
 PUBLIC = [
     "AuthorizationRequest",
-    "BlockingTokens",
     "Clock",
     "ConfigurationError",
     "CookieSessionStore",
@@ -20,10 +24,13 @@ PUBLIC = [
     "ReauthenticationRequired",
     "RefreshUnavailable",
     "Refresher",
+    "ServerSideStore",
     "Session",
     "SessionStore",
     "SessionTokens",
+    "SyncRefresher",
     "SyncTokenAccessor",
+    "SyncTokens",
     "SystemClock",
     "Telemetry",
     "TokenAccessor",
@@ -64,3 +71,83 @@ def test_testing_helpers_are_public() -> None:
 
 def test_version_is_a_release_string() -> None:
     assert asgi_token_refresh.__version__.count(".") == 2
+
+
+def test_the_extension_kit_is_pinned() -> None:
+    assert asgi_token_refresh.kit.__all__ == [
+        "BackendSessionStore",
+        "CookieWriter",
+        "Coordinator",
+        "Lease",
+        "LocalCoordinator",
+        "PerLoop",
+        "Published",
+        "Sealer",
+        "ServerSideStore",
+        "Session",
+        "SessionBackend",
+        "SessionStore",
+        "decode_outcome",
+        "encode_outcome",
+        "new_session_id",
+        "parse_cookie_header",
+        "session_max_age",
+        "supersedes",
+        "validate_cookie_options",
+    ]
+    assert asgi_token_refresh.redis.__all__ == [
+        "RedisCoordinator",
+        "RedisSessionBackend",
+        "RedisSessionStore",
+    ]
+
+
+PACKAGE = Path(asgi_token_refresh.__file__).parent
+# The built-in backends are written against the public kit, as a third-party one would be.
+BACKENDS = [
+    "_memory_store.py",
+    "_file_coordinator.py",
+    "redis/_coordinator.py",
+    "redis/_sessions.py",
+]
+KIT_MODULES = {"_coordination", "_cookies", "_per_loop", "_sealing", "_sessions"}
+
+
+def _private_imports(path: Path) -> set[str]:
+    """The names ``path`` takes from private modules of the package that the kit does not
+    re-export."""
+    taken = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module:
+            module = node.module.split(".")[-1]
+            if module.startswith("_") and module not in KIT_MODULES:
+                taken |= {f"{module}.{alias.name}" for alias in node.names}
+            elif module in KIT_MODULES:
+                taken |= {
+                    f"{module}.{alias.name}"
+                    for alias in node.names
+                    if alias.name not in asgi_token_refresh.kit.__all__
+                }
+    return taken
+
+
+def test_built_in_backends_use_only_public_names() -> None:
+    allowed = {  # public names, defined in private modules
+        "_clock.SYSTEM_CLOCK",
+        "_clock.Clock",
+        "_errors.ConfigurationError",
+        "_tokens.TokenSet",
+        "_cookies.THIRTY_DAYS",
+        "_cookies.SameSite",
+        "_connection.CLAIM",
+    }
+    for backend in BACKENDS:
+        leaked = _private_imports(PACKAGE / backend) - allowed
+        assert not {n for n in leaked if not n.startswith("_connection.")}, (backend, leaked)
+
+
+def test_no_module_of_the_package_reaches_into_another_modules_private_names() -> None:
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert not any(alias.name.startswith("_") for alias in node.names), path

@@ -21,7 +21,6 @@ from asgi_token_refresh import (
     TokenParams,
     TokenSet,
 )
-from asgi_token_refresh._ioloop import io_loop
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault
 
 from .helpers import ISSUER, login, waiting
@@ -135,14 +134,14 @@ async def test_chained_rotations_hand_generation_0_stragglers_generation_3(
     gen0 = login(idp, clock)
     clock.advance(EXPIRED)
     gen1 = await refresher.ensure_fresh(gen0)
-    gen2 = await refresher.refresh(gen1)  # the API rejected gen1's access token, say
-    gen3 = await refresher.refresh(gen2)
+    gen2 = await refresher.renew(gen1)  # the API rejected gen1's access token, say
+    gen3 = await refresher.renew(gen2)
     assert (
         len({gen0.refresh_token, gen1.refresh_token, gen2.refresh_token, gen3.refresh_token}) == 4
     )
     assert await refresher.ensure_fresh(gen0) is gen3
     # compare-and-refresh: gen1's access token failed, but gen3 is already newer
-    assert await refresher.refresh(gen1, failed_access_token=gen1.access_token) is gen3
+    assert await refresher.renew(gen1, failed_access_token=gen1.access_token) is gen3
     assert idp.token_calls("refresh_token") == 3
     assert idp.grants_revoked == 0
 
@@ -235,7 +234,7 @@ def test_callers_on_two_event_loops_and_on_threads_share_one_flight(
             results.extend(got)
 
     def in_worker_thread() -> None:
-        got = refresher.ensure_fresh_sync(session)
+        got = refresher.sync.ensure_fresh(session)
         with results_lock:
             results.append(got)
 
@@ -260,7 +259,7 @@ def test_the_sync_api_refuses_to_block_an_event_loop(
     clock.advance(EXPIRED)
 
     async def misuse() -> None:
-        refresher.ensure_fresh_sync(session)
+        refresher.sync.ensure_fresh(session)
 
     with pytest.raises(RuntimeError, match="use the async API"):
         asyncio.run(misuse())
@@ -594,7 +593,7 @@ async def test_no_token_or_secret_in_any_repr_error_or_log(
     assert "needs reauthentication" in all_logs.text  # the logs do say what happened
 
 
-def test_flights_run_on_the_io_loop_not_the_callers(
+def test_the_refresher_outlives_the_event_loops_of_its_callers(
     refresher: Refresher, idp: FakeIdP, clock: FakeClock
 ) -> None:
     session = login(idp, clock)
@@ -604,4 +603,3 @@ def test_flights_run_on_the_io_loop_not_the_callers(
     later = login(idp, clock, "bob")
     clock.advance(EXPIRED)
     assert asyncio.run(refresher.ensure_fresh(later)).refresh_token != later.refresh_token
-    assert io_loop.loop.is_running()

@@ -10,11 +10,12 @@ from asgi_token_refresh import (
     ConfigurationError,
     CookieSessionStore,
     MemorySessionStore,
+    ServerSideStore,
     Session,
     SessionStore,
     TokenSet,
 )
-from asgi_token_refresh._stores import parse_cookie_header
+from asgi_token_refresh.kit import parse_cookie_header
 from asgi_token_refresh.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -49,9 +50,11 @@ def cookies_from(set_cookies: list[str]) -> dict[str, str]:
     return jar
 
 
-def test_both_stores_implement_the_protocol() -> None:
+def test_both_stores_implement_the_protocol_and_only_memory_is_server_side() -> None:
     assert isinstance(CookieSessionStore([KEY_A]), SessionStore)
     assert isinstance(MemorySessionStore(), SessionStore)
+    assert isinstance(MemorySessionStore(), ServerSideStore)
+    assert not isinstance(CookieSessionStore([KEY_A]), ServerSideStore)
 
 
 def test_cookie_header_parsing_skips_garbage() -> None:

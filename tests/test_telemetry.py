@@ -54,10 +54,8 @@ def captured() -> Iterator[CapturedTelemetry]:
 
 
 @pytest.fixture
-def traced_client(
-    idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
-) -> Iterator[OAuth2Client]:
-    client = OAuth2Client(
+def traced_client(idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry) -> OAuth2Client:
+    return OAuth2Client(
         client_id="app",
         client_secret="app-secret",
         token_endpoint=f"{ISSUER}/token",
@@ -67,10 +65,6 @@ def traced_client(
         name="fake",
         telemetry=captured.telemetry,
     )
-    yield client
-    from asgi_token_refresh._ioloop import io_loop
-
-    io_loop.run_sync(client.aclose())
 
 
 @pytest.fixture
@@ -143,7 +137,7 @@ async def test_a_re_refresh_inside_seconds_shows_as_a_short_interval(
     clock.advance(EXPIRED)
     first = await refresher.ensure_fresh(session)
     clock.advance(3)
-    await refresher.refresh(first)  # say, an API rejected the fresh token at once
+    await refresher.renew(first)  # say, an API rejected the fresh token at once
     [(_, interval)] = captured.points(REFRESH_INTERVAL)
     assert interval.count == 1
     assert interval.sum == pytest.approx(3.0)

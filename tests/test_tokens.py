@@ -1,8 +1,12 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from asgi_token_refresh import TokenEndpointError, TokenSet
+from asgi_token_refresh import OAuth2Client, Refresher, TokenEndpointError, TokenSet
+from asgi_token_refresh.testing import FakeClock
 
 NOW = 1_700_000_000.0
 
@@ -99,9 +103,42 @@ def test_refresh_is_due_exactly_from_expiry_minus_clamped_skew(
     lifetime: float, skew: float, due_from: float
 ) -> None:
     ts = parse({"access_token": "at", "expires_in": lifetime})
-    assert not ts.refresh_due(NOW + due_from - 0.001, skew)
-    assert ts.refresh_due(NOW + due_from, skew)
-    assert ts.refresh_due(NOW + lifetime + 10, skew)
+
+    def due_at(now: float) -> bool:
+        client = OAuth2Client(
+            client_id="app", client_secret="s", token_endpoint="https://idp.test/token"
+        )
+        return Refresher(client, skew=skew, jitter=0, clock=FakeClock(now)).refresh_due(ts)
+
+    assert not due_at(NOW + due_from - 0.001)
+    assert due_at(NOW + due_from)
+    assert due_at(NOW + lifetime + 10)
+
+
+def test_the_jitter_share_is_the_same_in_every_process_and_spreads_sessions() -> None:
+    """Python's hash() is salted per process; the jitter must not be, or workers would
+    disagree on when one session is due."""
+    code = (
+        "from asgi_token_refresh import TokenSet;"
+        "print(TokenSet('at', 2e9, 1e9, refresh_token='rt-of-one-session').jitter_fraction)"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        for seed in ("1", "2", "3")
+    }
+    assert len(seen) == 1
+    fractions = [
+        TokenSet("at", 2e9, 1e9, refresh_token=f"rt-{i}").jitter_fraction for i in range(1000)
+    ]
+    assert all(0 <= f < 1 for f in fractions)
+    assert min(fractions) < 0.01
+    assert max(fractions) > 0.99
 
 
 def test_round_trips_through_a_dict() -> None:
