@@ -199,6 +199,7 @@ def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
 
 @contextlib.contextmanager
 def running_redis() -> Iterator[RedisServer]:
+    """A redis-server for the ``with`` block, ready when this yields."""
     port = free_port()
     server = RedisServer(port, _spawn_redis(port))
     try:
