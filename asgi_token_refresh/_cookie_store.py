@@ -14,7 +14,13 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 
-from ._cookies import THIRTY_DAYS, CookieWriter, SameSite, session_max_age, validate_cookie_options
+from ._cookies import (
+    DEFAULT_MAX_AGE,
+    CookieWriter,
+    SameSite,
+    session_max_age,
+    validate_cookie_options,
+)
 from ._errors import ConfigurationError
 from ._sealing import Sealer
 from ._sessions import Session
@@ -48,7 +54,7 @@ class CookieSessionStore:
         same_site: SameSite = "lax",
         path: str = "/",
         domain: str | None = None,
-        max_age: float = THIRTY_DAYS,
+        max_age: float = DEFAULT_MAX_AGE,
         chunk_size: int = 3800,
     ) -> None:
         self._sealer = Sealer(secret_keys, purpose="atr-cookie-v1", extra="cookies")

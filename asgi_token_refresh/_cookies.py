@@ -16,7 +16,8 @@ __all__ = [
 ]
 
 SameSite = Literal["lax", "strict", "none"]
-THIRTY_DAYS = 30 * 24 * 3600
+#: How long a session cookie lives when the provider does not say (30 days).
+DEFAULT_MAX_AGE = 30 * 24 * 3600
 
 
 def parse_cookie_header(header: str) -> dict[str, str]:

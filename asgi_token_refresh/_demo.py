@@ -122,7 +122,6 @@ def _build_app(mode: str, idp: FakeIdP, client: OAuth2Client, telemetry: Telemet
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
         await naive.http.aclose()
-        await client.aclose()  # the provider pool of this loop
 
     async def naive_login(request: Request) -> Response:
         session_id = naive.login(idp.issue(request.query_params["user"]))
@@ -228,7 +227,7 @@ def _stack(mode: str, config: DemoConfig, telemetry: Telemetry) -> Iterator[tupl
             with serve(_build_app(mode, idp, client, telemetry), host=config.host) as app_url:
                 yield app_url, idp
         finally:
-            idp.close()  # the client's pool closed with the app's loop (lifespan shutdown)
+            idp.close()  # the client's pool closes with the app's loop
 
 
 async def _storm(

@@ -4,11 +4,8 @@ Leases are ``flock`` locks on one file per grant (``<directory>/locks/<key>.lock
 drops a lock when its process dies, even by SIGKILL, so a dead leader frees its grant at once.
 Outcomes go to a SQLite database in WAL mode (``<directory>/results.sqlite3``), sealed with the
 app's secret keys (AES-GCM, bound to the grant's key), so the disk never holds a plaintext
-token. Every file operation runs on a small thread pool, never on the library's I/O loop.
-
-A lock file is unlinked only by a process holding its lock, and a process that has just locked
-one checks that the path still names the file it locked (else it starts over): so unlinking
-never lets two processes lead at once, and the lock directory does not grow without bound.
+token. Every file operation runs on a small thread pool; callers await it on their own loop.
+The lock files themselves are ``_file_locks``.
 """
 
 from __future__ import annotations
@@ -19,24 +16,21 @@ import contextlib
 import functools
 import math
 import os
-import re
 import secrets
-import stat
 import sys
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from ._clock import SYSTEM_CLOCK, Clock
+from ._clock import Clock, SystemClock
 from ._coordination import Lease, Published, decode_outcome, encode_outcome
 from ._errors import ConfigurationError
+from ._file_locks import GRANT_KEY, LockFiles, flocked, private_directory
 from ._sealing import Sealer
 
-if sys.platform != "win32":
-    import fcntl
 if TYPE_CHECKING:
     import sqlite3
 
@@ -44,10 +38,8 @@ __all__ = ["FileCoordinator"]
 
 T = TypeVar("T")
 
-_KEY = re.compile(r"[0-9a-f]{16,64}")  # what Sealer.name returns; never a path
 _BUSY_TIMEOUT = 5.0  # seconds SQLite waits for another process's write lock
 _SWEEP_EVERY = 60.0  # seconds between purges of expired results and stray lock files
-_STRAY_AGE = 60.0  # an unlocked lock file this old was left by a leader that died
 _THREADS = 4
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
@@ -89,14 +81,14 @@ class FileCoordinator:
         self._sealer = Sealer(secret_keys, purpose="atr-file-v1", extra="cookies")
         if directory is None:
             default = Path(tempfile.gettempdir()) / f"asgi-token-refresh-{os.getuid()}"
-            self.directory = _private_directory(default, shared_parent=True)
+            self.directory = private_directory(default, shared_parent=True)
         else:
-            self.directory = _private_directory(Path(directory), shared_parent=False)
-        self._locks = _private_directory(self.directory / "locks", shared_parent=False)
+            self.directory = private_directory(Path(directory), shared_parent=False)
+        self._locks = LockFiles(private_directory(self.directory / "locks", shared_parent=False))
         self._database = self.directory / "results.sqlite3"
         self.poll_interval = poll_interval
         # Wall time: results expire at the same instant for every process on the host.
-        self._clock = clock or SYSTEM_CLOCK
+        self._clock = clock or SystemClock()
         # Leases held by this process: owner -> (key, fd of the locked file). Touched from the
         # pool's threads, hence the mutex.
         self._mutex = threading.Lock()
@@ -151,7 +143,7 @@ class FileCoordinator:
         with self._mutex:
             held, self._held = self._held, {}
         for key, fd in held.values():
-            self._unlock(key, fd)
+            self._locks.unlock(key, fd)
         pool, self._pool = self._pool, None
         if pool is not None:
             await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
@@ -182,7 +174,7 @@ class FileCoordinator:
         fd = os.open(self._database, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         os.close(fd)
         # Workers start together; switching to WAL wants the database to itself.
-        with _flocked(self.directory / "init.lock"), contextlib.closing(self._connect()) as db:
+        with flocked(self.directory / "init.lock"), contextlib.closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
 
@@ -201,17 +193,17 @@ class FileCoordinator:
             published = self._read(db, key)
             if published is not None:
                 return published
-            fd = self._lock(key)
+            fd = self._locks.lock(key)
             if fd is None:
                 return None  # another process leads
             try:
                 # A leader may have published and released between our read and our lock.
                 published = self._read(db, key)
             except BaseException:
-                self._unlock(key, fd)
+                self._locks.unlock(key, fd)
                 raise
         if published is not None:
-            self._unlock(key, fd)
+            self._locks.unlock(key, fd)
             return published
         owner = secrets.token_hex(16)
         with self._mutex:
@@ -245,75 +237,20 @@ class FileCoordinator:
             self._release(lease)  # after the commit: a follower that gets the lock finds it
         if now >= self._next_sweep:
             self._next_sweep = now + _SWEEP_EVERY
-            self._sweep_locks(now)
+            self._locks.sweep(now)
 
     def _release(self, lease: Lease) -> None:
         with self._mutex:
             held = self._held.pop(lease.owner, None)
         if held is not None:
-            self._unlock(*held)
+            self._locks.unlock(*held)
 
     def _peek(self, key: str) -> tuple[Published | None, bool]:
         """The published outcome, and whether another process holds the lease now."""
         published = self._lookup(key)
         if published is not None:
             return published, True
-        try:
-            fd = os.open(self._lock_path(key), os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            return None, False
-        try:
-            # Shared: probes never block each other, only a leader's exclusive lock blocks them.
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return None, True
-        finally:
-            os.close(fd)  # also drops the probe's lock
-        return None, False
-
-    def _lock_path(self, key: str) -> Path:
-        return self._locks / f"{key}.lock"
-
-    def _lock(self, key: str) -> int | None:
-        """An fd holding the grant's lock, or ``None`` if another process holds it."""
-        path = self._lock_path(key)
-        for _ in range(8):  # each retry means the file was unlinked under us: rare
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            if _same_file(fd, path):
-                return fd
-            os.close(fd)  # we locked a file its holder had already unlinked: start over
-        return None
-
-    def _unlock(self, key: str, fd: int) -> None:
-        try:
-            # Unlink while holding the lock (see the module docstring), then let go.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._lock_path(key))
-            fcntl.flock(fd, fcntl.LOCK_UN)  # also for a child that inherited the fd by fork
-        finally:
-            os.close(fd)
-
-    def _sweep_locks(self, now: float) -> None:
-        """Unlink lock files that leaders which died left behind (those nobody holds)."""
-        with contextlib.suppress(OSError), os.scandir(self._locks) as entries:
-            for entry in entries:
-                name = entry.name
-                if not name.endswith(".lock") or not _KEY.fullmatch(name[:-5]):
-                    continue
-                with contextlib.suppress(OSError):
-                    if now - entry.stat(follow_symlinks=False).st_mtime < _STRAY_AGE:
-                        continue
-                    fd = self._lock(name[:-5])
-                    if fd is not None:
-                        self._unlock(name[:-5], fd)
+        return None, self._locks.held_elsewhere(key)
 
     def _after_fork_in_child(self) -> None:
         # The child shares the parent's open lock files: closing its copies (never LOCK_UN,
@@ -333,44 +270,6 @@ def _call_if_alive(method: weakref.WeakMethod[Callable[[], None]]) -> None:
 
 
 def _checked(key: str) -> str:
-    if not _KEY.fullmatch(key):
+    if not GRANT_KEY.fullmatch(key):
         raise ValueError("not a grant key of this coordinator")
     return key
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        on_disk = os.stat(path, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(fd)
-    return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
-
-
-def _private_directory(path: Path, *, shared_parent: bool) -> Path:
-    """``path``, created with mode 0700 if missing. In a shared parent (the temp directory)
-    it must be a real directory of ours, not something another user planted there."""
-    try:
-        path.mkdir(mode=0o700, parents=not shared_parent)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ConfigurationError(f"cannot create {str(path)!r}: {exc}") from exc
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise ConfigurationError(f"{str(path)!r} is not a directory")
-    if shared_parent and (info.st_uid != os.getuid() or info.st_mode & 0o077):
-        raise ConfigurationError(
-            f"{str(path)!r} must be a private directory (owned by uid {os.getuid()}, mode 0700)"
-        )
-    return path
-
-
-@contextlib.contextmanager
-def _flocked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

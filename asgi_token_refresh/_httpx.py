@@ -242,14 +242,20 @@ class _Shared(httpx.AsyncBaseTransport):
         pass  # owned by the process (or by whoever passed it in), not by one request
 
 
-# A connection pool belongs to one event loop: one per loop (and tracer provider).
-_pools: PerLoop[dict[int, _Shared]] = PerLoop(dict)
+async def _close_pools(by_provider: dict[int, _Shared]) -> None:
+    for shared in by_provider.values():
+        await shared.inner.aclose()
+
+
+# A connection pool belongs to one event loop: one per loop (and tracer provider), closed when
+# the loop shuts down.
+_pools: PerLoop[dict[int, _Shared]] = PerLoop(dict, close=_close_pools)
 
 
 async def close_shared_pool() -> None:
-    """Close the running loop's shared pool (the middleware does it at lifespan shutdown)."""
-    for shared in (_pools.pop() or {}).values():
-        await shared.inner.aclose()
+    """Close the running loop's shared pool now (the middleware does it at lifespan shutdown,
+    when the server may stop the loop without finalizing it)."""
+    await _close_pools(_pools.pop() or {})
 
 
 def shared_client(source: TokenSource, telemetry: Telemetry, **options: Any) -> httpx.AsyncClient:

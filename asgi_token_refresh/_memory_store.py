@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import threading
 
-from ._clock import SYSTEM_CLOCK, Clock
-from ._cookies import THIRTY_DAYS, SameSite
+from ._clock import Clock, SystemClock
+from ._cookies import DEFAULT_MAX_AGE, SameSite
 from ._errors import ConfigurationError
 from ._sessions import BackendSessionStore, supersedes
 from ._tokens import TokenSet
@@ -73,11 +73,11 @@ class MemorySessionStore(BackendSessionStore):
         same_site: SameSite = "lax",
         path: str = "/",
         domain: str | None = None,
-        max_age: float = THIRTY_DAYS,
+        max_age: float = DEFAULT_MAX_AGE,
         max_sessions: int = 100_000,
         clock: Clock | None = None,
     ) -> None:
-        self._memory = MemoryBackend(max_sessions=max_sessions, clock=clock or SYSTEM_CLOCK)
+        self._memory = MemoryBackend(max_sessions=max_sessions, clock=clock or SystemClock())
         super().__init__(
             self._memory,
             cookie_name=cookie_name,

@@ -110,8 +110,11 @@ class OAuth2Client:
                 userinfo_endpoint=userinfo_endpoint,
                 issuer=issuer,
             )
-        # Each loop's pool (unless http_client was passed), made on first use there.
-        self._pools: PerLoop[httpx.AsyncClient] = PerLoop(self._new_pool)
+        # Each loop's pool (unless http_client was passed): made on first use there, closed
+        # when that loop shuts down.
+        self._pools: PerLoop[httpx.AsyncClient] = PerLoop(
+            self._new_pool, close=httpx.AsyncClient.aclose
+        )
         # Discovery runs once; concurrent first callers on one loop share it.
         self._discovery: PerLoop[dict[str, asyncio.Future[ProviderMetadata]]] = PerLoop(dict)
         #: Identifies (provider, client) in cache keys, logs and the ``provider`` attribute.

@@ -19,7 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from ._cookies import THIRTY_DAYS, CookieWriter, SameSite, session_max_age, validate_cookie_options
+from ._cookies import (
+    DEFAULT_MAX_AGE,
+    CookieWriter,
+    SameSite,
+    session_max_age,
+    validate_cookie_options,
+)
 from ._tokens import TokenSet
 
 __all__ = [
@@ -126,7 +132,7 @@ class BackendSessionStore:
         same_site: SameSite = "lax",
         path: str = "/",
         domain: str | None = None,
-        max_age: float = THIRTY_DAYS,
+        max_age: float = DEFAULT_MAX_AGE,
     ) -> None:
         validate_cookie_options(cookie_name, same_site, secure, max_age)
         self.backend = backend

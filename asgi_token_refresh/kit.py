@@ -20,7 +20,14 @@ Both
     called on the event loop of whoever uses them.
 """
 
-from ._cookies import CookieWriter, parse_cookie_header, session_max_age, validate_cookie_options
+from ._cookies import (
+    DEFAULT_MAX_AGE,
+    CookieWriter,
+    SameSite,
+    parse_cookie_header,
+    session_max_age,
+    validate_cookie_options,
+)
 from ._coordination import (
     Coordinator,
     Lease,
@@ -42,6 +49,7 @@ from ._sessions import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_AGE",
     "BackendSessionStore",
     "CookieWriter",
     "Coordinator",
@@ -49,6 +57,7 @@ __all__ = [
     "LocalCoordinator",
     "PerLoop",
     "Published",
+    "SameSite",
     "Sealer",
     "ServerSideStore",
     "Session",

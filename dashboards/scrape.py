@@ -116,7 +116,7 @@ def scrape() -> Scrape:
         telemetry=telemetry,
     )
     try:
-        asyncio.run(_storm_then_close(client, idp, clock))
+        asyncio.run(_storm(client, idp, clock))
         text = generate_latest(registry).decode()
         instruments = _instruments(otel)
     finally:
@@ -124,13 +124,6 @@ def scrape() -> Scrape:
         meter_provider.shutdown()
         tracer_provider.shutdown()
     return Scrape(text, instruments)
-
-
-async def _storm_then_close(client: Any, idp: Any, clock: Any) -> None:
-    try:
-        await _storm(client, idp, clock)
-    finally:
-        await client.aclose()  # this loop's connection pool; the loop ends with asyncio.run
 
 
 async def _storm(client: Any, idp: Any, clock: Any) -> None:

@@ -687,13 +687,13 @@ async def test_file_coordinator_looks_again_once_it_holds_the_lock(
         key = grant_key(a, session.refresh_token)
         lease = await a.try_lead(key, 10.0)
         assert isinstance(lease, Lease)
-        lock = b._lock
+        lock = b._locks.lock
 
         def leader_finishes_first(grant: str) -> int | None:
             a._publish(lease, encode_outcome(a._sealer, key, session), 60.0)
             return lock(grant)
 
-        monkeypatch.setattr(b, "_lock", leader_finishes_first)
+        monkeypatch.setattr(b._locks, "lock", leader_finishes_first)
         claim = await b.try_lead(key, 10.0)
         assert isinstance(claim, TokenSet)
         assert claim.access_token == session.access_token

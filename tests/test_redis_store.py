@@ -9,8 +9,8 @@ import json
 import random
 import re
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
-from typing import Any, TypeVar, cast
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -82,22 +82,6 @@ def store(redis_url: str) -> Iterator[RedisSessionStore]:
     session_store = RedisSessionStore(redis_url, secret_keys=[SECRET])
     yield session_store
     asyncio.run(session_store.aclose())
-
-
-T = TypeVar("T")
-
-
-def on_own_loop(store: RedisSessionStore, step: Coroutine[Any, Any, T]) -> T:
-    """Run ``step`` on a loop of its own and close that loop's Redis pool before it ends
-    (each event loop has its own pool)."""
-
-    async def run() -> T:
-        try:
-            return await step
-        finally:
-            await store.aclose()
-
-    return asyncio.run(run())
 
 
 def session_keys(raw: redis.Redis) -> list[bytes]:
@@ -388,7 +372,7 @@ def write_generations(
             await asyncio.gather(*(store.persist(session, written[g]) for g in chunk))
 
     try:
-        on_own_loop(store, write_all())
+        asyncio.run(write_all())
     except BaseException as exc:  # pragma: no cover - reported by the test
         errors.append(exc)
 
@@ -399,7 +383,7 @@ def test_concurrent_writers_in_any_order_never_regress_the_generation(
     """Threads, each with its own event loop and tasks, and two store instances (as two
     workers would), write generations of one session in random order: the newest stays."""
     stores = [RedisSessionStore(redis_url, secret_keys=[SECRET]) for _ in range(2)]
-    session, _ = on_own_loop(stores[0], stores[0].save({}, None, token_set(NOW), new_session=True))
+    session, _ = asyncio.run(stores[0].save({}, None, token_set(NOW), new_session=True))
     assert session is not None
     for round_ in range(3):
         generations = [NOW + round_ * 1000 + i for i in range(1, 241)]
@@ -419,15 +403,15 @@ def test_concurrent_writers_in_any_order_never_regress_the_generation(
             thread.join(timeout=60)
         assert errors == []
         newest = max(written)
-        stored = on_own_loop(stores[1], stores[1].read(session))
+        stored = asyncio.run(stores[1].read(session))
         assert stored is not None
         assert stored.to_dict() == written[newest].to_dict()
         [key] = session_keys(raw)
         assert raw.hget(key, "generation") == repr(newest).encode()
 
         # And a late writer of an older generation changes nothing.
-        on_own_loop(stores[0], stores[0].persist(session, token_set(newest - 500)))
-        assert on_own_loop(stores[0], stores[0].read(session)) == written[newest]
+        asyncio.run(stores[0].persist(session, token_set(newest - 500)))
+        assert asyncio.run(stores[0].read(session)) == written[newest]
     for session_store in stores:
         asyncio.run(session_store.aclose())
 
@@ -477,7 +461,7 @@ def test_one_store_works_from_several_event_loops_and_threads(
     def in_thread(n: int) -> None:
         try:
             for i in range(5):  # five loops, one after the other, in this thread
-                results[n * 100 + i] = on_own_loop(store, life_of_a_session(n * 100 + i))
+                results[n * 100 + i] = asyncio.run(life_of_a_session(n * 100 + i))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -489,7 +473,7 @@ def test_one_store_works_from_several_event_loops_and_threads(
     assert errors == []
     assert len(results) == 30
     assert all(results.values())
-    assert on_own_loop(store, life_of_a_session(10_000))  # and from the main thread afterwards
+    assert asyncio.run(life_of_a_session(10_000))  # and from the main thread afterwards
 
 
 # -- the middleware with Redis sessions ----------------------------------------------------------

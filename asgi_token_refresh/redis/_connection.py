@@ -81,7 +81,7 @@ class RedisConnection:
             ) from None
         self.url = url
         self.options = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5, **options}
-        self._clients: PerLoop[Any] = PerLoop(self._connect)
+        self._clients: PerLoop[Any] = PerLoop(self._connect, close=_close)
 
     def client(self) -> Any:
         """The running loop's client."""
@@ -101,4 +101,8 @@ class RedisConnection:
         """Close the running loop's client and its pool."""
         client = self._clients.pop()
         if client is not None:
-            await client.aclose(close_connection_pool=True)
+            await _close(client)
+
+
+async def _close(client: Any) -> None:
+    await client.aclose(close_connection_pool=True)  # a pool passed in is kept otherwise

@@ -69,7 +69,7 @@ class RedisCoordinator:
         self.channel = f"{prefix}:published"
         self.poll_interval = poll_interval
         # Each event loop with flights has its own subscription, followers and lease renewals.
-        self._loops: PerLoop[_LoopState] = PerLoop(_LoopState)
+        self._loops: PerLoop[_LoopState] = PerLoop(_LoopState, close=_LoopState.aclose)
 
     def __repr__(self) -> str:
         return f"RedisCoordinator(prefix={self.prefix!r})"

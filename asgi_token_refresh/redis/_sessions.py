@@ -7,7 +7,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .._cookies import THIRTY_DAYS, SameSite
+from .._cookies import DEFAULT_MAX_AGE, SameSite
 from .._sealing import Sealer
 from .._sessions import BackendSessionStore
 from .._tokens import TokenSet
@@ -86,7 +86,7 @@ class RedisSessionStore(BackendSessionStore):
         same_site: SameSite = "lax",
         path: str = "/",
         domain: str | None = None,
-        max_age: float = THIRTY_DAYS,
+        max_age: float = DEFAULT_MAX_AGE,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
         self._redis_backend = RedisSessionBackend(
