@@ -91,11 +91,21 @@ class TokenAccessor:
     @property
     def cookies(self) -> dict[str, str]:
         if self._cookies is None:
-            cookies: dict[str, str] = {}
+            # HTTP/2 may split cookies over several headers: parsed as one, in order (the first
+            # value of a name wins), in linear time however many there are.
+            header: bytes | None = None
+            more: list[bytes] | None = None
             for name, value in self._scope.get("headers", ()):
-                if name == b"cookie":  # HTTP/2 may split cookies over several headers
-                    cookies = parse_cookie_header(value.decode("latin-1")) | cookies
-            self._cookies = cookies
+                if name == b"cookie":
+                    if header is None:
+                        header = value
+                    elif more is None:
+                        more = [header, value]
+                    else:
+                        more.append(value)
+            if more is not None:
+                header = b"; ".join(more)
+            self._cookies = parse_cookie_header(header.decode("latin-1")) if header else {}
         return self._cookies
 
     async def _load(self) -> TokenSet | None:

@@ -8,12 +8,11 @@ never an exception with its traceback (invariant 12).
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
-
-from cachetools import TLRUCache, TTLCache
+from typing import Generic, Literal, TypeVar
 
 from ._errors import (
     ReauthenticationRequired,
@@ -24,12 +23,58 @@ from ._errors import (
 from ._keys import KeyMaker, TokenParams
 from ._tokens import TokenSet
 
-__all__ = ["Caches", "GraceCache", "MachineTokenCache", "Refusal", "RefusalCache"]
+__all__ = [
+    "Caches",
+    "ExpiringMap",
+    "GraceCache",
+    "MachineTokenCache",
+    "Refusal",
+    "RefusalCache",
+]
 
 logger = logging.getLogger(__name__)
 
 # A chain of rotations longer than this inside one grace TTL is not a chain but a bug.
 _MAX_CHAIN = 32
+
+V = TypeVar("V")
+
+
+class ExpiringMap(Generic[V]):
+    """Key -> value until a monotonic deadline; at most ``max_entries``, the oldest write
+    dropped first. Lookups take ``now`` from the caller, so one clock reading serves several
+    lookups, and an empty map is answered without reading the clock at all."""
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._entries: dict[bytes, tuple[V, float]] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def get(self, key: bytes, now: float) -> V | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] <= now:
+            del self._entries[key]
+            return None
+        return entry[0]
+
+    def put(self, key: bytes, value: V, deadline: float, now: float) -> None:
+        entries = self._entries
+        entries.pop(key, None)  # re-inserted last: the newest write
+        entries[key] = (value, deadline)
+        # Drop expired entries from the old end, then the oldest while over the bound.
+        for old in list(itertools.islice(entries, 4)):
+            if entries[old][1] > now:
+                break
+            del entries[old]
+        while len(entries) > self._max_entries:
+            del entries[next(iter(entries))]
 
 
 class GraceCache:
@@ -40,25 +85,26 @@ class GraceCache:
     refresh token has already been rotated.
     """
 
-    def __init__(self, max_entries: int, ttl: float, timer: Callable[[], float]) -> None:
-        self._successors: TTLCache[bytes, TokenSet] = TTLCache(max_entries, ttl, timer=timer)
+    def __init__(self, max_entries: int, ttl: float) -> None:
+        self.ttl = ttl
+        self._successors: ExpiringMap[TokenSet] = ExpiringMap(max_entries)
 
     def __len__(self) -> int:
         return len(self._successors)
 
-    def __bool__(self) -> bool:  # an empty cache is skipped without reading the clock
+    def __bool__(self) -> bool:
         return bool(self._successors)
 
-    def remember(self, key: bytes, successor: TokenSet) -> None:
-        self._successors[key] = successor
+    def remember(self, key: bytes, successor: TokenSet, now: float) -> None:
+        self._successors.put(key, successor, now + self.ttl, now)
 
     def newest(
-        self, key: bytes, token_set: TokenSet, key_of: Callable[[str], bytes]
+        self, key: bytes, token_set: TokenSet, key_of: Callable[[str], bytes], now: float
     ) -> tuple[bytes, TokenSet]:
         """The newest known generation after ``token_set`` (whose key is ``key``), and its
         key. ``key_of`` makes the key of a refresh token."""
         for _ in range(_MAX_CHAIN):
-            successor = self._successors.get(key)
+            successor = self._successors.get(key, now)
             if successor is None or successor.issued_at < token_set.issued_at:
                 break
             token_set = successor
@@ -106,22 +152,20 @@ class Refusal:
 class RefusalCache:
     """Key -> :class:`Refusal`, each kept for its own number of seconds (invariant 5)."""
 
-    def __init__(self, max_entries: int, timer: Callable[[], float]) -> None:
-        self._refusals: TLRUCache[bytes, tuple[Refusal, float]] = TLRUCache(
-            max_entries, lambda _key, entry, now: now + entry[1], timer=timer
-        )
+    def __init__(self, max_entries: int) -> None:
+        self._refusals: ExpiringMap[Refusal] = ExpiringMap(max_entries)
 
     def __len__(self) -> int:
         return len(self._refusals)
 
-    def get(self, key: bytes) -> Refusal | None:
-        if not self._refusals:  # the common case, and cheaper than a lookup that reads time
-            return None
-        entry = self._refusals.get(key)
-        return None if entry is None else entry[0]
+    def __bool__(self) -> bool:
+        return bool(self._refusals)
 
-    def remember(self, key: bytes, refusal: Refusal, seconds: float) -> None:
-        self._refusals[key] = (refusal, seconds)
+    def get(self, key: bytes, now: float) -> Refusal | None:
+        return self._refusals.get(key, now)
+
+    def remember(self, key: bytes, refusal: Refusal, seconds: float, now: float) -> None:
+        self._refusals.put(key, refusal, now + seconds, now)
 
 
 class MachineTokenCache:
@@ -159,18 +203,31 @@ class Caches:
         self.keys = keys
         self.grace_ttl = grace_ttl
         self._default_retry_after = default_retry_after
-        self.grace = GraceCache(max_entries, grace_ttl, timer)
-        self.refusals = RefusalCache(max_entries, timer)
+        self._timer = timer
+        self.grace = GraceCache(max_entries, grace_ttl)
+        self.refusals = RefusalCache(max_entries)
         self.machine_tokens = MachineTokenCache(max_entries)
 
-    def newest(self, token_set: TokenSet, params: TokenParams) -> tuple[bytes, TokenSet]:
-        """The newest known generation of ``token_set``'s session, and its key."""
+    def lookup(
+        self, token_set: TokenSet, params: TokenParams
+    ) -> tuple[bytes, TokenSet, Refusal | None]:
+        """The newest known generation of ``token_set``'s session, its key, and the refusal
+        remembered for that key. Reads the clock once, and not at all when both are empty
+        (the common case, asked once per caller in a storm)."""
         assert token_set.refresh_token is not None
         keys = self.keys
         key = keys.refresh_token(token_set.refresh_token, params)
-        if not self.grace:
-            return key, token_set
-        return self.grace.newest(key, token_set, lambda rt: keys.refresh_token(rt, params))
+        if not self.grace and not self.refusals:
+            return key, token_set, None
+        now = self._timer()
+        if self.grace:
+            key, token_set = self.grace.newest(
+                key, token_set, lambda rt: keys.refresh_token(rt, params), now
+            )
+        return key, token_set, self.refusals.get(key, now) if self.refusals else None
+
+    def refusal(self, key: bytes) -> Refusal | None:
+        return self.refusals.get(key, self._timer()) if self.refusals else None
 
     def remember(
         self, key: bytes, machine: bool, result: TokenSet | None, error: BaseException | None
@@ -178,26 +235,27 @@ class Caches:
         """Remember a flight's outcome: a new token set (in the grace cache, or as the machine
         token), a dead session for the grace TTL (invariant 5), a provider in trouble for its
         Retry-After, capped, so that a crowd of requests cannot hammer it."""
+        now = self._timer()
         if result is not None:
             if machine:
                 self.machine_tokens.remember(key, result)
             else:
-                self.grace.remember(key, result)
+                self.grace.remember(key, result, now)
             return
         refusal = None if error is None else Refusal.of(error)
         if refusal is None:
             return
         fingerprint = key.hex()[:12]
         if refusal.kind == "terminal":
-            self.refusals.remember(key, refusal, self.grace_ttl)
+            self.refusals.remember(key, refusal, self.grace_ttl, now)
             logger.info("session %s needs reauthentication: %s", fingerprint, refusal.reason)
         else:
             ttl = refusal.retry_after or self._default_retry_after
-            self.refusals.remember(key, refusal, min(ttl, self.grace_ttl))
+            self.refusals.remember(key, refusal, min(ttl, self.grace_ttl), now)
             logger.warning("token refresh for %s failed: %s", fingerprint, error)
 
     def logged_out(self, token_set: TokenSet, params: TokenParams) -> None:
         """Refuse stragglers of a session that logged out, for the grace TTL."""
-        key, _ = self.newest(token_set, params)
+        key, _, _ = self.lookup(token_set, params)
         refusal = Refusal("terminal", "no_session", "logged out")
-        self.refusals.remember(key, refusal, self.grace_ttl)
+        self.refusals.remember(key, refusal, self.grace_ttl, self._timer())

@@ -123,7 +123,7 @@ class Pilot:
         # newer generation found here may itself be due: the caller then goes round once more
         # and refreshes it under its own refresh token, never under this stale one.
         with self._flights.lock:
-            _, newest = self._caches.newest(token_set, request.params)
+            _, newest, _ = self._caches.lookup(token_set, request.params)
         if newest is not token_set:
             return newest, False
 

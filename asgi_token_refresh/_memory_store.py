@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 
 from ._clock import Clock, SystemClock
 from ._cookies import DEFAULT_MAX_AGE, SameSite
 from ._errors import ConfigurationError
-from ._sessions import BackendSessionStore, supersedes
+from ._sessions import BackendSessionStore, Session, supersedes
 from ._tokens import TokenSet
 
 __all__ = ["MemoryBackend", "MemorySessionStore"]
@@ -23,29 +24,33 @@ class MemoryBackend:
             raise ConfigurationError("max_sessions must be at least 1")
         self.max_sessions = max_sessions
         self._monotonic = clock.monotonic
-        # id -> (token set, monotonic deadline), oldest write first.
-        self._entries: dict[str, tuple[TokenSet, float]] = {}
+        # id -> (session, monotonic deadline), oldest write first. The Session is kept whole
+        # so that loading one allocates nothing.
+        self._entries: dict[str, tuple[Session, float]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         now = self._monotonic()
         return sum(deadline > now for _, deadline in list(self._entries.values()))
 
-    def _live(self, session_id: str) -> TokenSet | None:
+    def peek(self, session_id: str) -> Session | None:
+        """The live session, without a coroutine (loading one runs on every request)."""
         entry = self._entries.get(session_id)
         if entry is None or entry[1] <= self._monotonic():
             return None
         return entry[0]
 
     async def get(self, session_id: str) -> TokenSet | None:
-        return self._live(session_id)
+        session = self.peek(session_id)
+        return None if session is None else session.token_set
 
     async def put(self, session_id: str, token_set: TokenSet, ttl: float) -> bool:
         with self._lock:
-            if not supersedes(token_set, self._live(session_id)):
+            stored = self.peek(session_id)
+            if not supersedes(token_set, None if stored is None else stored.token_set):
                 return False
             self._entries.pop(session_id, None)  # re-inserted last: the newest write
-            self._entries[session_id] = (token_set, self._monotonic() + ttl)
+            self._entries[session_id] = (Session(token_set, session_id), self._monotonic() + ttl)
             while len(self._entries) > self.max_sessions:
                 del self._entries[next(iter(self._entries))]
             return True
@@ -91,6 +96,11 @@ class MemorySessionStore(BackendSessionStore):
 
     def __len__(self) -> int:
         return len(self._memory)
+
+    async def load(self, cookies: Mapping[str, str]) -> Session | None:
+        # BackendSessionStore.load without awaiting the backend: this runs on every request.
+        session_id = cookies.get(self.cookie_name)
+        return self._memory.peek(session_id) if session_id else None
 
     def __repr__(self) -> str:
         return f"MemorySessionStore(cookie_name={self.cookie_name!r}, sessions={len(self)})"

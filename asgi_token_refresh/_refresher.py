@@ -19,6 +19,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, ClassVar, NoReturn
 
+from opentelemetry import trace
+
 from ._caches import Caches, Refusal
 from ._clock import Clock
 from ._coordination import Coordinator
@@ -248,14 +250,24 @@ class Refresher:
             cached = self._machine_token(key, failed_access_token)
             if cached is not None:
                 return cached
-            refusal = self._caches.refusals.get(key)
+            refusal = self._caches.refusal(key)
             if refusal is None:
-                leads, flight, waiter = self._flights.board(
-                    key, FlightRequest("client_credentials", None, params)
+                waiter: asyncio.Future[TokenSet] = asyncio.get_running_loop().create_future()
+                joined = self._flights.join(key, waiter)
+                flight = joined or self._flights.start(
+                    key, FlightRequest("client_credentials", None, params), waiter
                 )
+                leads = joined is None
         if refusal is not None:
             self._refuse(refusal)
-        return await self._wait(leads, flight, waiter)
+        span = self._board(leads, flight)
+        try:
+            return await waiter
+        except BaseException as exc:
+            mark_failed(span, exc)
+            raise
+        finally:
+            self._recorder.left(span, None if leads else flight.payload.span)
 
     def forget(self, token_set: TokenSet, *, params: TokenParams = NO_PARAMS) -> None:
         """After logout: stragglers holding this session's older refresh tokens must not be
@@ -284,28 +296,41 @@ class Refresher:
     ) -> TokenSet:
         if token_set.refresh_token is None:
             raise ReauthenticationRequired("no_session", "the session has no refresh token")
+        loop = asyncio.get_running_loop()
         for _ in range(2):
-            leads = False
             with self._flights.lock:
-                key, newest = self._caches.newest(token_set, params)
-                refusal = self._caches.refusals.get(key)
+                key, newest, refusal = self._caches.lookup(token_set, params)
                 served_by_cache = (
                     newest.access_token != failed_access_token
                     if failed_access_token is not None
                     else newest is not token_set and not self.refresh_due(newest)
                 )
                 if refusal is None and not served_by_cache:
-                    request = FlightRequest("refresh_token", newest, params, current, on_refreshed)
-                    leads, flight, waiter = self._flights.board(key, request)
-                    if not leads:
-                        flight.payload.current = flight.payload.current or current
-                        flight.payload.on_refreshed = flight.payload.on_refreshed or on_refreshed
+                    waiter: asyncio.Future[TokenSet] = loop.create_future()
+                    joined = self._flights.join(key, waiter)
+                    flight = joined or self._flights.start(
+                        key,
+                        FlightRequest("refresh_token", newest, params, current, on_refreshed),
+                        waiter,
+                    )
+                    leads = joined is None
+                    if joined is not None:
+                        request = joined.payload
+                        request.current = request.current or current
+                        request.on_refreshed = request.on_refreshed or on_refreshed
             if refusal is not None:
                 self._refuse(refusal)
             if served_by_cache:
                 self._recorder.served("grace_cache").end()
                 return newest
-            result = await self._wait(leads, flight, waiter)
+            span = self._board(leads, flight)
+            try:
+                result = await waiter
+            except BaseException as exc:
+                mark_failed(span, exc)
+                raise
+            finally:
+                self._recorder.left(span, None if leads else flight.payload.span)
             # Only a token set read back from the store can already be due; go round once more
             # so that it is refreshed in the flight of *its* refresh token.
             if failed_access_token is not None or not self.refresh_due(result):
@@ -319,21 +344,13 @@ class Refresher:
         self._recorder.refused(error)
         raise error
 
-    async def _wait(
-        self, leads: bool, flight: Flight[TokenSet, FlightRequest], waiter: asyncio.Future[TokenSet]
-    ) -> TokenSet:
-        """Wait for ``flight`` (starting it if this caller leads), inside the caller's span."""
-        request = flight.payload
+    def _board(self, leads: bool, flight: Flight[TokenSet, FlightRequest]) -> trace.Span:
+        """Start the caller's span; a leader also launches the flight, whose span is a child
+        of the leader's. The caller then awaits its waiter and ends the span with
+        ``FlightRecorder.left`` (inline, not in a helper coroutine: a storm pays per frame)."""
         span = self._recorder.served("leader" if leads else "joined")
-        try:
-            if leads:
-                request.span = self._recorder.start_flight(request.grant, span)
-                detach(self._pilot.fly(flight))
-            return await waiter
-        except BaseException as exc:
-            mark_failed(span, exc)
-            raise
-        finally:
-            if not leads and request.span is not None:
-                span.add_link(request.span.get_span_context())
-            span.end()
+        if leads:
+            request = flight.payload
+            request.span = self._recorder.start_flight(request.grant, span)
+            detach(self._pilot.fly(flight))
+        return span

@@ -61,18 +61,20 @@ class SingleFlight(Generic[T, P]):
         with self.lock:
             return sum(len(flight.waiters) for flight in self._flights.values())
 
-    def board(self, key: bytes, payload: P) -> tuple[bool, Flight[T, P], asyncio.Future[T]]:
-        """Join the flight for ``key``, or start it (``True``: this caller leads and must
-        :func:`detach` the flight). Needs ``lock`` and a running loop."""
-        waiter: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    def join(self, key: bytes, waiter: asyncio.Future[T]) -> Flight[T, P] | None:
+        """Seat ``waiter`` on the flight for ``key``, if one is in the air. Needs ``lock``."""
         flight = self._flights.get(key)
-        leads = flight is None
-        if flight is None:
-            flight = self._flights[key] = Flight(key, payload)
-        else:
+        if flight is not None:
             flight.joined += 1
+            flight.waiters.append(waiter)
+        return flight
+
+    def start(self, key: bytes, payload: P, waiter: asyncio.Future[T]) -> Flight[T, P]:
+        """A new flight for ``key`` with ``waiter`` as its leader, who must :func:`detach` it.
+        Needs ``lock``, and no flight for ``key`` in the air."""
+        flight = self._flights[key] = Flight(key, payload)
         flight.waiters.append(waiter)
-        return leads, flight, waiter
+        return flight
 
     def land(self, flight: Flight[T, P]) -> list[asyncio.Future[T]] | None:
         """Take ``flight`` off the board and hand back its waiters, or ``None`` if it has

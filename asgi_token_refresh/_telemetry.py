@@ -230,6 +230,12 @@ class FlightRecorder:
         self.telemetry.token_requests.add(1, attributes)
         return self.telemetry.tracer.start_span(SPAN_ACQUIRE, attributes=attributes)
 
+    def left(self, span: trace.Span, joined: trace.Span | None) -> None:
+        """End a caller's span, linked to the flight it ``joined`` (the leader's is its parent)."""
+        if joined is not None:
+            span.add_link(joined.get_span_context())
+        span.end()
+
     def refused(self, error: BaseException) -> None:
         span = self.served("negative_cache")
         mark_failed(span, error)
