@@ -165,11 +165,11 @@ class TokenAccessor:
         ).access_token
 
     async def _replace(self, token_set: TokenSet, failed_access_token: str | None) -> TokenSet:
-        store, session = self._store, self._session
+        session = self._session
         server_side = self._server_side and session is not None
         hooks: dict[str, Any] = {}
-        if server_side and session is not None:
-            server_store = cast(ServerSideStore, store)
+        if server_side and session is not None:  # (the second test is for the type checker)
+            server_store = cast(ServerSideStore, self._store)
             hooks["current"] = functools.partial(server_store.read, session)
             hooks["on_refreshed"] = functools.partial(server_store.persist, session)
         try:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping
+from typing import Unpack
 
 from ._clock import Clock, SystemClock
-from ._cookies import DEFAULT_MAX_AGE, SameSite
 from ._errors import ConfigurationError
-from ._sessions import BackendSessionStore, Session, supersedes
+from ._sessions import BackendSessionStore, Session, SessionCookie, supersedes
 from ._tokens import TokenSet
 
 __all__ = ["MemoryBackend", "MemorySessionStore"]
@@ -73,25 +73,12 @@ class MemorySessionStore(BackendSessionStore):
     def __init__(
         self,
         *,
-        cookie_name: str = "atr_sid",
-        secure: bool = True,
-        same_site: SameSite = "lax",
-        path: str = "/",
-        domain: str | None = None,
-        max_age: float = DEFAULT_MAX_AGE,
         max_sessions: int = 100_000,
         clock: Clock | None = None,
+        **cookie: Unpack[SessionCookie],
     ) -> None:
         self._memory = MemoryBackend(max_sessions=max_sessions, clock=clock or SystemClock())
-        super().__init__(
-            self._memory,
-            cookie_name=cookie_name,
-            secure=secure,
-            same_site=same_site,
-            path=path,
-            domain=domain,
-            max_age=max_age,
-        )
+        super().__init__(self._memory, **cookie)
         self.max_sessions = max_sessions
 
     def __len__(self) -> int:

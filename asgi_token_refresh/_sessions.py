@@ -17,7 +17,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypedDict, runtime_checkable
 
 from ._cookies import (
     DEFAULT_MAX_AGE,
@@ -33,6 +33,7 @@ __all__ = [
     "ServerSideStore",
     "Session",
     "SessionBackend",
+    "SessionCookie",
     "SessionStore",
     "new_session_id",
     "supersedes",
@@ -116,6 +117,18 @@ class SessionBackend(Protocol):
         ...
 
     async def delete(self, session_id: str) -> None: ...
+
+
+class SessionCookie(TypedDict, total=False):
+    """The session-id cookie's options: :class:`BackendSessionStore`'s keyword arguments, which
+    stores built on it pass through (``**cookie: Unpack[SessionCookie]``)."""
+
+    cookie_name: str
+    secure: bool
+    same_site: SameSite
+    path: str
+    domain: str | None
+    max_age: float
 
 
 class BackendSessionStore:

@@ -88,6 +88,7 @@ def test_the_extension_kit_is_pinned() -> None:
         "ServerSideStore",
         "Session",
         "SessionBackend",
+        "SessionCookie",
         "SessionStore",
         "decode_outcome",
         "encode_outcome",

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Unpack
 
-from .._cookies import DEFAULT_MAX_AGE, SameSite
 from .._sealing import Sealer
-from .._sessions import BackendSessionStore
+from .._sessions import BackendSessionStore, SessionCookie
 from .._tokens import TokenSet
 from ._connection import STORE_SESSION, RedisConnection, ms
 
@@ -80,27 +79,14 @@ class RedisSessionStore(BackendSessionStore):
         url: str,
         *,
         secret_keys: Sequence[str | bytes],
-        cookie_name: str = "atr_sid",
         prefix: str = "atr",
-        secure: bool = True,
-        same_site: SameSite = "lax",
-        path: str = "/",
-        domain: str | None = None,
-        max_age: float = DEFAULT_MAX_AGE,
         redis_options: Mapping[str, Any] | None = None,
+        **cookie: Unpack[SessionCookie],
     ) -> None:
         self._redis_backend = RedisSessionBackend(
             url, secret_keys=secret_keys, prefix=prefix, redis_options=redis_options
         )
-        super().__init__(
-            self._redis_backend,
-            cookie_name=cookie_name,
-            secure=secure,
-            same_site=same_site,
-            path=path,
-            domain=domain,
-            max_age=max_age,
-        )
+        super().__init__(self._redis_backend, **cookie)
         self.prefix = prefix
 
     def __repr__(self) -> str:
