@@ -22,11 +22,11 @@ from ._httpx import shared_client
 from ._keys import TokenParams
 from ._refresher import Refresher
 from ._sessions import ServerSideStore, Session, SessionStore
-from ._sync import SyncTokenAccessor
+from ._single_flight import run_blocking
 from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, terminal_type
 from ._tokens import TokenSet
 
-__all__ = ["TokenAccessor"]
+__all__ = ["SyncTokenAccessor", "TokenAccessor"]
 
 logger = logging.getLogger(__name__)
 
@@ -289,3 +289,36 @@ class TokenAccessor:
     def sync(self) -> SyncTokenAccessor:
         """The same accessor for sync endpoints running in a worker thread."""
         return SyncTokenAccessor(self)
+
+
+class SyncTokenAccessor:
+    """Blocking twin of :class:`TokenAccessor` for code in a worker thread (never in a loop)."""
+
+    __slots__ = ("_accessor",)
+
+    def __init__(self, accessor: TokenAccessor) -> None:
+        self._accessor = accessor
+
+    @property
+    def refresher(self) -> Refresher:
+        return self._accessor.refresher
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self._accessor.telemetry
+
+    def get(self) -> str:
+        token = self._accessor.cached_fresh_token()
+        return token if token is not None else run_blocking(self._accessor.get())
+
+    def headers(self) -> dict[str, str]:
+        return run_blocking(self._accessor.headers())
+
+    def token_set(self) -> TokenSet | None:
+        return run_blocking(self._accessor.token_set())
+
+    def is_authenticated(self) -> bool:
+        return run_blocking(self._accessor.is_authenticated())
+
+    def renew(self, failed_access_token: str | None = None) -> str:
+        return run_blocking(self._accessor.renew(failed_access_token))

@@ -20,13 +20,14 @@ from ._keys import TokenParams
 from ._oauth import instrumented
 from ._per_loop import PerLoop
 from ._refresher import Refresher
-from ._sync import SyncTokens
+from ._single_flight import run_blocking
 from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, default_telemetry
 from ._tokens import TokenSet
 
 __all__ = [
     "MachineTokens",
     "SessionTokens",
+    "SyncTokens",
     "TokenAuth",
     "TokenSource",
     "close_shared_pool",
@@ -224,6 +225,20 @@ class MachineTokens:
     def sync(self) -> SyncTokens:
         """This source for a sync ``httpx.Client`` in a worker thread."""
         return SyncTokens(self)
+
+
+class SyncTokens:
+    """The blocking form of an async token source, for threads without an event loop."""
+
+    def __init__(self, source: SessionTokens | MachineTokens) -> None:
+        self.source = source
+        self.telemetry = source.telemetry
+
+    def get(self) -> str:
+        return run_blocking(self.source.get())
+
+    def renew(self, failed_access_token: str | None = None) -> str:
+        return run_blocking(self.source.renew(failed_access_token))
 
 
 # -- per-request clients over a shared pool -----------------------------------------------------

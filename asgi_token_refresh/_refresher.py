@@ -3,11 +3,11 @@
 Read one refresh top to bottom: :meth:`Refresher.ensure_fresh` returns a fresh token set as
 is (no lock, no I/O, no telemetry). Otherwise, under one lock, :meth:`Refresher._acquire`
 finds a newer generation in the grace cache, a remembered refusal, or a seat on the flight
-for that refresh token (``_single_flight``), starting it if there is none. The leader's
-flight (:meth:`Refresher._fly`) re-checks the caches and the store, then makes the one
-exchange with the provider through the coordinator (``_exchange``), caches the outcome
+for that refresh token (``_single_flight``), starting it if there is none. The leader
+launches the flight (``_flight.Pilot``), which re-checks the caches and the store, makes the
+one exchange with the provider through the coordinator (``_exchange``), remembers the outcome
 (``_caches``), releases every waiter on its own loop and persists the new tokens.
-DESIGN.md §3 lists the invariants kept here.
+ARCHITECTURE.md follows the same path; the README's guarantees table lists the invariants.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from ._flight import CurrentTokenSet, FlightRequest, OnRefreshed, Pilot
 from ._keys import NO_PARAMS, KeyMaker, TokenParams
 from ._oauth import OAuth2Client
 from ._oauth_messages import DEFAULT_RETRY_AFTER
-from ._single_flight import Flight, SingleFlight, detach
-from ._sync import SyncRefresher
+from ._single_flight import Flight, SingleFlight, detach, run_blocking
 from ._telemetry import FlightRecorder, Telemetry, mark_failed
 from ._tokens import TokenSet
 
-__all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "TokenParams"]
+__all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "SyncRefresher", "TokenParams"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,16 +80,10 @@ class Refresher:
         self.max_concurrency, self.max_entries = max_concurrency, max_entries
         self.clock: Clock = clock or client.clock
         self._now = self.clock.time  # bound once: the fresh path reads it on every request
-        self._options = {
-            "skew": skew,
-            "jitter": jitter,
-            "grace_ttl": grace_ttl,
-            "timeout": timeout,
-            "max_concurrency": max_concurrency,
-            "max_entries": max_entries,
-            "clock": self.clock,
-            "coordinator": coordinator,
-        }
+        self._options = dict(  # what shared() compares
+            skew=skew, jitter=jitter, grace_ttl=grace_ttl, timeout=timeout, clock=self.clock,
+            max_concurrency=max_concurrency, max_entries=max_entries, coordinator=coordinator,
+        )  # fmt: skip
         self.telemetry = telemetry or client.telemetry
         monotonic = self.clock.monotonic
         self._recorder = FlightRecorder(self.telemetry, client.name, monotonic, max_entries)
@@ -354,3 +347,23 @@ class Refresher:
             request.span = self._recorder.start_flight(request.grant, span)
             detach(self._pilot.fly(flight))
         return span
+
+
+class SyncRefresher:
+    """:class:`Refresher` for sync code in a worker thread: the same methods, blocking."""
+
+    __slots__ = ("refresher",)
+
+    def __init__(self, refresher: Refresher) -> None:
+        self.refresher = refresher
+
+    def ensure_fresh(self, token_set: TokenSet, **options: Any) -> TokenSet:
+        if self.refresher.serve_fresh(token_set):
+            return token_set
+        return run_blocking(self.refresher.ensure_fresh(token_set, **options))
+
+    def renew(self, token_set: TokenSet, **options: Any) -> TokenSet:
+        return run_blocking(self.refresher.renew(token_set, **options))
+
+    def client_credentials(self, params: TokenParams = NO_PARAMS, **options: Any) -> TokenSet:
+        return run_blocking(self.refresher.client_credentials(params, **options))
