@@ -17,9 +17,10 @@ from typing import Any, cast
 import httpx
 
 from ._cookies import parse_cookie_header
-from ._errors import ReauthenticationRequired, RefreshUnavailable
+from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
 from ._httpx import shared_client
 from ._keys import TokenParams
+from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._refresher import Refresher
 from ._sessions import ServerSideStore, Session, SessionStore
 from ._single_flight import run_blocking
@@ -54,6 +55,7 @@ class TokenAccessor:
         "_session",
         "_store",
         "_token_set",
+        "failure",
     )
 
     def __init__(
@@ -81,6 +83,9 @@ class TokenAccessor:
         self._changed = False  # the token set differs from what the store holds
         self._new_session = False  # set by login(): the store issues a new session
         self._committed = False  # the response has started; cookies can no longer change
+        #: The last terminal or transient failure handed to the app, so that the middleware
+        #: can still answer as documented when a framework turns it into its own 500 page.
+        self.failure: ReauthenticationRequired | RefreshUnavailable | None = None
 
     def __repr__(self) -> str:
         state = "not loaded" if not self._loaded else f"token_set={self._token_set!r}"
@@ -110,7 +115,11 @@ class TokenAccessor:
 
     async def _load(self) -> TokenSet | None:
         if not self._loaded:
-            session = await self._store.load(self.cookies)
+            try:
+                session = await self._store.load(self.cookies)
+            except RefreshUnavailable as exc:  # the store is unreachable: 503, session kept
+                self.failure = exc
+                raise
             if not self._loaded:  # another task of this request may have loaded meanwhile
                 self._session = session
                 self._token_set = session.token_set if session is not None else None
@@ -182,6 +191,9 @@ class TokenAccessor:
         except ReauthenticationRequired as exc:
             self.clear_session()
             return await self._no_session(exc.reason, exc)
+        except RefreshUnavailable as exc:
+            self.failure = exc
+            raise
         if new is not token_set:
             self._token_set = new
             self._changed = True
@@ -191,14 +203,29 @@ class TokenAccessor:
 
     async def _no_session(self, reason: str, cause: BaseException | None = None) -> TokenSet:
         if self._anonymous is not None:
-            return await self._refresher.client_credentials(self._anonymous)
+            try:
+                return await self._refresher.client_credentials(self._anonymous)
+            except TokenEndpointError as exc:  # the app's own credentials are refused
+                self.failure = RefreshUnavailable(
+                    "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=exc.error
+                )
+                raise self.failure from None
+            except RefreshUnavailable as exc:
+                self.failure = exc
+                raise
         attributes = {
             ERROR_TYPE: terminal_type(reason),
             COMPONENT: "asgi",
             PROVIDER: self._refresher.client.name,
         }
         self._refresher.telemetry.terminal_failures.add(1, attributes)
-        raise ReauthenticationRequired(reason) from cause
+        self.failure = ReauthenticationRequired(reason)
+        raise self.failure from cause
+
+    def record_failure(self, failure: ReauthenticationRequired | RefreshUnavailable) -> None:
+        """Remember a failure raised on this request's behalf elsewhere (its httpx client's
+        second 401), so that the middleware answers for it even behind a framework's 500."""
+        self.failure = failure
 
     @property
     def refresher(self) -> Refresher:
@@ -216,7 +243,9 @@ class TokenAccessor:
             async with request.state.token.client(base_url=API) as api:
                 response = await api.get("/me")
         """
-        return shared_client(self, self._refresher.telemetry, **options)
+        return shared_client(
+            self, self._refresher.telemetry, on_failure=self.record_failure, **options
+        )
 
     # -- login and logout --------------------------------------------------------------------
 

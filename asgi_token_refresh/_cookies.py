@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from ._errors import ConfigurationError
@@ -59,7 +60,9 @@ class CookieWriter:
         self.max_age = max_age
 
     def set(self, name: str, value: str, max_age: float | None = None) -> str:
-        return f"{name}={value}; Max-Age={int(max_age or self.max_age)}; {self._attributes}"
+        # Rounded up, never to 0: Max-Age=0 deletes the cookie that was just set.
+        seconds = max(1, math.ceil(self.max_age if max_age is None else max_age))
+        return f"{name}={value}; Max-Age={seconds}; {self._attributes}"
 
     def delete(self, name: str) -> str:
         return f"{name}=; Max-Age=0; {self._attributes}"
@@ -68,6 +71,10 @@ class CookieWriter:
 def session_max_age(token_set: TokenSet, default: float) -> float:
     # Keycloak and others say how long the refresh token lives; the cookie should not outlive it.
     seconds = token_set.extra.get("refresh_expires_in")
-    if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds > 0:
+    if (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)
+        and 0 < seconds < math.inf  # float("inf") and 1e999 are no lifetimes
+    ):
         return min(float(seconds), default)
     return default

@@ -89,8 +89,10 @@ class ReauthenticationRequired(TokenRefreshError):
 class RefreshUnavailable(TokenRefreshError):
     """Transient: the provider could not be reached or failed; the session is kept.
 
-    ``reason`` is ``provider_error``, ``timeout`` or ``network_error``; ``retry_after`` is the
-    number of seconds after which a retry makes sense (from ``Retry-After`` when sent).
+    ``reason`` is ``provider_error`` (the provider answered with something other than a token
+    set or a terminal error), ``timeout``, ``network_error`` or ``store_unavailable`` (the
+    session store did not answer); ``retry_after`` is the number of seconds after which a
+    retry makes sense (the provider's ``Retry-After`` when sent, clamped to 0..120).
     """
 
     def __init__(self, reason: str, *, retry_after: float, detail: str | None = None) -> None:

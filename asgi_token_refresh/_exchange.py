@@ -18,15 +18,14 @@ from ._coordination import Coordinator, Lease, LocalCoordinator, Published
 from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
 from ._keys import TokenParams
 from ._oauth import OAuth2Client
+from ._oauth_messages import TERMINAL_ERRORS
 from ._telemetry import FlightRecorder
 from ._tokens import TokenSet
 
-__all__ = ["COORDINATOR_RETRY", "TERMINAL_ERRORS", "Exchange", "StoredNewer", "Trip"]
+__all__ = ["COORDINATOR_RETRY", "Exchange", "StoredNewer", "Trip"]
 
 logger = logging.getLogger(__name__)
 
-#: OAuth error codes that mean this grant (or this client) will never work again.
-TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
 # A lease outlives the leader's own provider call by this much, so it never expires under a
 # live leader; a dead leader's lease frees the grant this long after its timeout.
 _LEASE_MARGIN = 5.0

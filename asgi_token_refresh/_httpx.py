@@ -10,7 +10,7 @@ carries no user state (the lesson of CVE-2024-51987).
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Callable, Generator
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -77,6 +77,7 @@ class TokenAuth(httpx.Auth):
         anonymous: TokenSource | None = None,
         replay_body: bool = True,
         telemetry: Telemetry | None = None,
+        on_failure: Callable[[ReauthenticationRequired], None] | None = None,
     ) -> None:
         if on_terminal not in ("raise", "response"):
             raise ConfigurationError("on_terminal must be 'raise' or 'response'")
@@ -84,6 +85,7 @@ class TokenAuth(httpx.Auth):
         self.anonymous = anonymous
         self.on_terminal = on_terminal
         self.requires_request_body = replay_body
+        self._on_failure = on_failure
         self.telemetry = telemetry or getattr(source, "telemetry", None) or default_telemetry()
         refresher = getattr(source, "refresher", None)
         self._provider = {PROVIDER: refresher.client.name} if refresher is not None else {}
@@ -111,7 +113,10 @@ class TokenAuth(httpx.Auth):
                 1, {ERROR_TYPE: "downstream_401", COMPONENT: "httpx", **self._provider}
             )
             if self.on_terminal == "raise":
-                raise ReauthenticationRequired("downstream_401", "the API refused a fresh token")
+                error = ReauthenticationRequired("downstream_401", "the API refused a fresh token")
+                if self._on_failure is not None:
+                    self._on_failure(error)
+                raise error
 
     # -- shells ------------------------------------------------------------------------------
 
@@ -120,6 +125,8 @@ class TokenAuth(httpx.Auth):
     ) -> Generator[httpx.Request, httpx.Response, None]:
         if inspect.iscoroutinefunction(self.source.get):
             raise ConfigurationError("a sync httpx.Client needs a sync token source: use .sync")
+        if self.requires_request_body:
+            request.read()  # a streamed body, buffered so that a 401 can be retried
         flow = self._flow(request, self._sync_get())
         step = next(flow)
         try:
@@ -136,6 +143,8 @@ class TokenAuth(httpx.Auth):
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
         if not inspect.iscoroutinefunction(self.source.get):
             raise ConfigurationError("an httpx.AsyncClient needs an async token source")
+        if self.requires_request_body:
+            await request.aread()  # a streamed body, buffered so that a 401 can be retried
         flow = self._flow(request, await self._async_get())
         step = next(flow)
         try:
@@ -273,7 +282,13 @@ async def close_shared_pool() -> None:
     await _close_pools(_pools.pop() or {})
 
 
-def shared_client(source: TokenSource, telemetry: Telemetry, **options: Any) -> httpx.AsyncClient:
+def shared_client(
+    source: TokenSource,
+    telemetry: Telemetry,
+    *,
+    on_failure: Callable[[ReauthenticationRequired], None] | None = None,
+    **options: Any,
+) -> httpx.AsyncClient:
     """A new ``httpx.AsyncClient`` authenticating with ``source`` over the loop's shared pool.
 
     ``options`` go to ``httpx.AsyncClient``; ``transport=`` replaces the shared pool (and is
@@ -292,5 +307,7 @@ def shared_client(source: TokenSource, telemetry: Telemetry, **options: Any) -> 
             pooled = by_provider[id(telemetry.tracer_provider)] = _Shared(pool)
         shared = pooled
     return httpx.AsyncClient(
-        transport=shared, auth=TokenAuth(source, telemetry=telemetry), **options
+        transport=shared,
+        auth=TokenAuth(source, telemetry=telemetry, on_failure=on_failure),
+        **options,
     )

@@ -13,11 +13,17 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._accessor import TokenAccessor
-from ._errors import ConfigurationError, ReauthenticationRequired, RefreshUnavailable
+from ._errors import (
+    ConfigurationError,
+    ReauthenticationRequired,
+    RefreshUnavailable,
+    TokenRefreshError,
+)
 from ._httpx import close_shared_pool
 from ._keys import TokenParams
 from ._memory_store import MemorySessionStore
 from ._oauth import OAuth2Client
+from ._oauth_messages import MAX_RETRY_AFTER
 from ._refresher import Refresher
 from ._sessions import ServerSideStore, SessionStore
 
@@ -103,34 +109,69 @@ class TokenRefreshMiddleware:
             scope, self.store, self.refresher, self._anonymous, server_side=self._server_side
         )
         scope.setdefault("state", {})[self.state_key] = accessor
-        started = False
+        started = False  # the response has started (ours or the app's)
+        answered = False  # the middleware answered instead of the app: drop the app's messages
 
-        async def send_with_session(message: Message) -> None:
-            nonlocal started
+        async def emit(message: Message) -> None:
+            """Forward ``message``, writing the session back when the response starts."""
+            nonlocal started, answered
             if message["type"] in ("http.response.start", "websocket.accept") and not started:
                 started = True
-                # Most requests change nothing: then no store call, not even an await.
-                cookies = (
-                    await accessor.commit()
-                    if accessor.changed
-                    else accessor.mark_response_started()
-                )
+                try:
+                    # Most requests change nothing: then no store call, not even an await.
+                    cookies = (
+                        await accessor.commit()
+                        if accessor.changed
+                        else accessor.mark_response_started()
+                    )
+                except RefreshUnavailable as exc:  # the store is down: nothing sent yet
+                    answered = True
+                    await self._answer_unavailable(scope, exc, send)
+                    return
                 if cookies:
                     headers = list(message.get("headers", ()))
                     headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
                     message = {**message, "headers": headers}
             await send(message)
 
+        async def send_with_session(message: Message) -> None:
+            nonlocal answered
+            if answered:
+                return
+            if (
+                message["type"] == "http.response.start"
+                and not started
+                and message.get("status", 200) >= 500
+                and self._answers(accessor.failure)
+            ):
+                # A framework turned our exception into its own error page (Litestar and
+                # Quart do, before the exception reaches us): answer as documented instead.
+                answered = True
+                assert accessor.failure is not None
+                await self._answer(scope, accessor.failure, emit)
+                return
+            await emit(message)
+
         try:
             await self.app(scope, receive, send_with_session)
-        except ReauthenticationRequired as exc:
-            if started or self._raise:
+        except (ReauthenticationRequired, RefreshUnavailable) as exc:
+            if started or not self._answers(exc):
                 raise
-            await self._answer_terminal(scope, exc, send_with_session)
-        except RefreshUnavailable as exc:
-            if started:
-                raise
-            await self._answer_unavailable(scope, exc, send_with_session)
+            await self._answer(scope, exc, emit)
+
+    def _answers(self, failure: TokenRefreshError | None) -> bool:
+        """Whether the middleware answers for ``failure`` (not when the app asked to handle
+        terminal failures itself with ``on_terminal="raise"``)."""
+        if isinstance(failure, ReauthenticationRequired):
+            return not self._raise
+        return isinstance(failure, RefreshUnavailable)
+
+    async def _answer(self, scope: Scope, failure: TokenRefreshError, send: Send) -> None:
+        if isinstance(failure, ReauthenticationRequired):
+            await self._answer_terminal(scope, failure, send)
+        else:
+            assert isinstance(failure, RefreshUnavailable)
+            await self._answer_unavailable(scope, failure, send)
 
     def _closing_pools_at_shutdown(self, send: Send) -> Send:
         """Pass lifespan messages through; close this loop's connection pools (the provider's
@@ -165,7 +206,7 @@ class TokenRefreshMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1013, "reason": UNAVAILABLE_ERROR_CODE})
             return
-        retry_after = str(max(1, math.ceil(exc.retry_after))).encode()
+        retry_after = str(min(int(MAX_RETRY_AFTER), max(1, math.ceil(exc.retry_after)))).encode()
         body = {"error": UNAVAILABLE_ERROR_CODE, "reason": exc.reason}
         await _respond(send, 503, _json(body), [(b"retry-after", retry_after)])
 

@@ -28,6 +28,7 @@ from ._oauth_messages import (
     TokenRequest,
     build_authorization_url,
     build_token_request,
+    classify_token_error,
     raise_for_token_response,
 )
 from ._per_loop import PerLoop
@@ -36,6 +37,8 @@ from ._tokens import TokenSet
 
 __all__ = ["OAuth2Client", "instrumented"]
 
+# Form fields that are secrets, redacted from whatever the provider echoes back.
+_SECRET_FIELDS = frozenset({"refresh_token", "code", "code_verifier", "client_secret", "token"})
 # Idle connections are dropped before common server idle timeouts (uvicorn's 5 s): reusing one
 # the server is closing fails the refresh with a ReadError, and a refresh POST is not retried.
 _POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
@@ -50,6 +53,13 @@ class OAuth2Client:
     ``http_client`` to control the HTTP layer. Without ``http_client`` each event loop gets its
     own pool; a passed ``http_client`` is used as is, so it must belong to the one loop the app
     runs on. The secret never appears in ``repr`` or errors.
+
+    Every provider answer has a defined outcome: a terminal OAuth error (``invalid_grant``,
+    ``invalid_client``, ``unauthorized_client``) raises :class:`TokenEndpointError`; anything
+    else that is not a token response (5xx, 429, 3xx, 404, ``invalid_request``,
+    ``invalid_scope``, garbage, more than ``max_response_bytes``) raises
+    :class:`RefreshUnavailable`, with ``Retry-After`` clamped to 0..120 s. Nothing the provider
+    echoes of a token or the secret reaches an error's text.
     """
 
     def __init__(
@@ -65,6 +75,7 @@ class OAuth2Client:
         auth_method: ClientAuthMethod = "client_secret_basic",
         timeout: float = 10.0,
         default_token_lifetime: float = 3600.0,
+        max_response_bytes: int = 256 * 1024,
         transport: httpx.AsyncBaseTransport | None = None,
         http_client: httpx.AsyncClient | None = None,
         clock: Clock | None = None,
@@ -88,6 +99,8 @@ class OAuth2Client:
             raise ConfigurationError("timeout must be a positive number of seconds")
         if not (math.isfinite(default_token_lifetime) and default_token_lifetime > 0):
             raise ConfigurationError("default_token_lifetime must be a positive number of seconds")
+        if max_response_bytes < 1024:
+            raise ConfigurationError("max_response_bytes must be at least 1024")
         if transport is not None and http_client is not None:
             raise ConfigurationError("pass transport or http_client, not both")
 
@@ -97,6 +110,8 @@ class OAuth2Client:
         self.issuer = issuer
         self.timeout = timeout
         self.default_token_lifetime = default_token_lifetime
+        #: Larger answers (compressed or decoded) are a misbehaving provider: 503, not memory.
+        self.max_response_bytes = max_response_bytes
         self.clock: Clock = clock or SYSTEM_CLOCK
         self._transport = transport
         self._http = http_client
@@ -167,23 +182,14 @@ class OAuth2Client:
     async def _fetch_discovery(self) -> ProviderMetadata:
         assert self.issuer is not None
         url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        try:
-            response = await self._client().get(url)
-        except httpx.TimeoutException:
-            raise RefreshUnavailable("timeout", retry_after=DEFAULT_RETRY_AFTER) from None
-        except httpx.TransportError as exc:
+        status, _, body = await self._send("GET", url)
+        if status == 429 or status >= 500:
             raise RefreshUnavailable(
-                "network_error", retry_after=DEFAULT_RETRY_AFTER, detail=type(exc).__name__
-            ) from None
-        if response.status_code == 429 or response.status_code >= 500:
-            raise RefreshUnavailable(
-                "provider_error",
-                retry_after=DEFAULT_RETRY_AFTER,
-                detail=f"discovery HTTP {response.status_code}",
+                "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=f"discovery HTTP {status}"
             )
-        if response.status_code != 200:
-            raise ConfigurationError(f"discovery at {url} answered HTTP {response.status_code}")
-        return ProviderMetadata.from_discovery_document(response.content, issuer=self.issuer)
+        if status != 200:
+            raise ConfigurationError(f"discovery at {url} answered HTTP {status}")
+        return ProviderMetadata.from_discovery_document(body, issuer=self.issuer)
 
     # -- grants ----------------------------------------------------------------------------
 
@@ -292,18 +298,48 @@ class OAuth2Client:
         )
         return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
 
-    async def _post(self, request: TokenRequest) -> httpx.Response:
+    async def _send(
+        self, method: str, url: str, **options: Any
+    ) -> tuple[int, httpx.Headers, bytes]:
+        """One request; the status, headers and body, read up to ``max_response_bytes`` (on the
+        wire and decoded both: a gzip bomb stops at the limit). Every failure is a
+        ``RefreshUnavailable`` that carries no request: httpx errors hold the request, whose
+        body holds the refresh token and whose headers hold the client credentials."""
+        limit = self.max_response_bytes
         try:
-            return await self._client().post(
-                request.url, data=request.form, headers=request.headers
-            )
+            async with self._client().stream(method, url, **options) as response:
+                body = bytearray()
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > limit or response.num_bytes_downloaded > limit:
+                        raise RefreshUnavailable(
+                            "provider_error",
+                            retry_after=DEFAULT_RETRY_AFTER,
+                            detail=f"response larger than {limit} bytes",
+                        )
+                return response.status_code, response.headers, bytes(body)
         except httpx.TimeoutException:
             raise RefreshUnavailable("timeout", retry_after=DEFAULT_RETRY_AFTER) from None
         except httpx.TransportError as exc:
-            # `from None`: httpx errors carry the request, whose body holds the refresh token.
             raise RefreshUnavailable(
                 "network_error", retry_after=DEFAULT_RETRY_AFTER, detail=type(exc).__name__
             ) from None
+        except httpx.HTTPError as exc:  # a body that does not decode, a bad redirect...
+            raise RefreshUnavailable(
+                "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=type(exc).__name__
+            ) from None
+
+    async def _post(self, request: TokenRequest) -> tuple[int, bytes]:
+        """POST ``request``; the status and body, every non-terminal answer already raised as
+        ``RefreshUnavailable`` and every terminal one as ``TokenEndpointError``."""
+        status, headers, body = await self._send(
+            "POST", request.url, data=request.form, headers=request.headers
+        )
+        secrets = [v for k, v in request.form.items() if k in _SECRET_FIELDS]
+        if self._client_secret:
+            secrets.append(self._client_secret)
+        raise_for_token_response(status, headers, body, now=self.clock.time(), secrets=secrets)
+        return status, body
 
     async def _token(self, grant: Mapping[str, str | None], previous: TokenSet | None) -> TokenSet:
         metadata = await self.metadata()
@@ -314,19 +350,17 @@ class OAuth2Client:
             client_secret=self._client_secret,
             auth_method=self.auth_method,
         )
-        response = await self._post(request)
-        now = self.clock.time()
-        raise_for_token_response(response.status_code, response.headers, response.content, now=now)
+        status, body = await self._post(request)
         try:
             return TokenSet.from_token_response(
-                response.content,
-                issued_at=now,
+                body,
+                issued_at=self.clock.time(),
                 default_lifetime=self.default_token_lifetime,
                 previous=previous,
             )
-        except TokenEndpointError as exc:
-            exc.status = response.status_code
-            raise
+        except TokenEndpointError as exc:  # a malformed 2xx: the provider misbehaves
+            exc.status = status
+            classify_token_error(exc)
 
     async def _revoke(self, token: str, token_type_hint: str) -> None:
         metadata = await self.metadata()
@@ -339,10 +373,7 @@ class OAuth2Client:
             client_secret=self._client_secret,
             auth_method=self.auth_method,
         )
-        response = await self._post(request)
-        raise_for_token_response(
-            response.status_code, response.headers, response.content, now=self.clock.time()
-        )
+        await self._post(request)
 
 
 def instrumented(

@@ -10,9 +10,11 @@ import base64
 import email.utils
 import hashlib
 import json
-from collections.abc import Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NoReturn
 from urllib.parse import quote_plus, urlencode, urlsplit
 
 from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
@@ -20,14 +22,18 @@ from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
 __all__ = [
     "AUTH_METHODS",
     "DEFAULT_RETRY_AFTER",
+    "MAX_RETRY_AFTER",
+    "TERMINAL_ERRORS",
     "AuthorizationRequest",
     "ClientAuthMethod",
     "ProviderMetadata",
     "TokenRequest",
     "build_authorization_url",
     "build_token_request",
+    "classify_token_error",
     "pkce_challenge",
     "raise_for_token_response",
+    "redact",
     "retry_after_seconds",
 ]
 
@@ -35,7 +41,16 @@ ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
 AUTH_METHODS: frozenset[str] = frozenset({"client_secret_basic", "client_secret_post", "none"})
 
 # Error codes some providers send with 4xx/5xx to mean "try later", not "this grant is bad".
-_TRANSIENT_ERRORS = frozenset({"temporarily_unavailable", "server_error", "slow_down"})
+#: The OAuth error codes that mean this grant (or this client) will never work again. Every
+#: other answer is "provider unavailable or misbehaving": ``invalid_request`` and
+#: ``invalid_scope`` too, because they say the request was wrong, not that the session is dead
+#: (a misconfigured scope fails every session alike; logging users out would not fix it).
+TERMINAL_ERRORS = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
+#: Retry-After is clamped to this many seconds, internally and towards browsers.
+MAX_RETRY_AFTER = 120.0
+_DELTA_SECONDS = re.compile(r"[0-9]+")  # ASCII digits only: "²".isdigit() is True
+_ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")  # RFC 6749 §5.2, bounded
+_MAX_DESCRIPTION = 200
 # Used when a transient failure carries no Retry-After header.
 DEFAULT_RETRY_AFTER = 5.0
 
@@ -176,53 +191,84 @@ def build_token_request(
 
 
 def retry_after_seconds(value: str | None, *, now: float) -> float | None:
-    """Parse ``Retry-After`` (delta-seconds or HTTP-date, RFC 9110 §10.2.3) into seconds."""
+    """Parse ``Retry-After`` (delta-seconds or HTTP-date, RFC 9110 §10.2.3) into seconds in
+    ``[0, MAX_RETRY_AFTER]``; ``None`` for anything else. Total: no input raises."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    if _DELTA_SECONDS.fullmatch(value):
+        return MAX_RETRY_AFTER if len(value) > 9 else min(float(value), MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+        seconds = when.timestamp() - now
+    except (TypeError, ValueError, OverflowError, IndexError):
         return None
-    return max(0.0, when.timestamp() - now)
+    if not math.isfinite(seconds):
+        return None
+    return min(max(0.0, seconds), MAX_RETRY_AFTER)
+
+
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every secret replaced, bounded in length: a provider may echo the refresh
+    token or the client secret in ``error_description``."""
+    for secret in secrets:
+        if len(secret) >= 4:  # shorter strings are not secrets worth hiding, only noise
+            text = text.replace(secret, "[redacted]")
+    return text[:_MAX_DESCRIPTION]
 
 
 def raise_for_token_response(
-    status: int, headers: Mapping[str, str], body: bytes, *, now: float
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float,
+    secrets: Iterable[str] = (),
 ) -> None:
     """Raise the right error for a non-2xx token or revocation endpoint response.
 
     The decision is made on the OAuth ``error`` field, not on the status: Auth0 answers
     ``invalid_grant`` with 403, oidc-provider with 400, and ``invalid_client`` may come as 401.
-    429, 5xx and the transient error codes raise :class:`RefreshUnavailable`.
+    Only the terminal codes raise :class:`TokenEndpointError`; every other answer (5xx, 429,
+    3xx, 404, a non-JSON body, ``invalid_request``, ``invalid_scope``...) raises
+    :class:`RefreshUnavailable` via :func:`classify_token_error`. ``secrets`` are redacted
+    from what the provider echoes.
     """
     if 200 <= status < 300:
         return
     error, description, uri = "invalid_response", None, None
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, digits or nesting too deep
         payload = None
-    if isinstance(payload, Mapping) and isinstance(payload.get("error"), str):
-        error = payload["error"]
-        description = payload.get("error_description")
-        uri = payload.get("error_uri")
-        description = description if isinstance(description, str) else None
-        uri = uri if isinstance(uri, str) else None
-    retry_after = retry_after_seconds(headers.get("retry-after"), now=now)
-    endpoint_error = TokenEndpointError(
-        error,
-        status=status,
-        error_description=description,
-        error_uri=uri,
-        retry_after=retry_after,
+    if isinstance(payload, Mapping):
+        code = payload.get("error")
+        if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
+            error = code
+            description = payload.get("error_description")
+            uri = payload.get("error_uri")
+    secrets = list(secrets)
+    classify_token_error(
+        TokenEndpointError(
+            error,
+            status=status,
+            error_description=redact(description, secrets)
+            if isinstance(description, str)
+            else None,
+            error_uri=redact(uri, secrets) if isinstance(uri, str) else None,
+            retry_after=retry_after_seconds(headers.get("retry-after"), now=now),
+        )
     )
-    if status == 429 or status >= 500 or error in _TRANSIENT_ERRORS:
-        raise RefreshUnavailable(
-            "provider_error",
-            retry_after=DEFAULT_RETRY_AFTER if retry_after is None else retry_after,
-            detail=f"HTTP {status} {error}",
-        ) from endpoint_error
-    raise endpoint_error
+
+
+def classify_token_error(error: TokenEndpointError) -> NoReturn:
+    """Raise ``error`` if it is terminal (this grant or this client will never work again),
+    else :class:`RefreshUnavailable`: the provider is unavailable or misbehaving, the session
+    is kept, and a retry after ``Retry-After`` may succeed."""
+    if error.error in TERMINAL_ERRORS:
+        raise error
+    retry_after = DEFAULT_RETRY_AFTER if error.retry_after is None else error.retry_after
+    detail = error.error if error.status is None else f"HTTP {error.status} {error.error}"
+    if error.status is not None and 200 <= error.status < 300 and error.error_description:
+        detail += f": {error.error_description}"  # a malformed success: our words, not theirs
+    raise RefreshUnavailable("provider_error", retry_after=retry_after, detail=detail) from error

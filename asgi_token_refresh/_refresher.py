@@ -316,6 +316,7 @@ class Refresher:
             if served_by_cache:
                 self._recorder.served("grace_cache").end()
                 return newest
+            asked_at = self._now()
             span = self._board(leads, flight)
             try:
                 result = await waiter
@@ -324,10 +325,13 @@ class Refresher:
                 raise
             finally:
                 self._recorder.left(span, None if leads else flight.payload.span)
-            # Only a token set read back from the store can already be due; go round once more
-            # so that it is refreshed in the flight of *its* refresh token.
             if failed_access_token is not None or not self.refresh_due(result):
                 return result
+            if result.issued_at >= asked_at:  # issued while we waited, and due already
+                self._recorder.issued_due(result.lifetime, self.skew)
+                return result  # at most one flight per request, however short the lifetime
+            # A token set read back from the store can already be due: go round once more so
+            # that it is refreshed in the flight of *its* refresh token.
             token_set = result
         return result
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -19,12 +20,15 @@ from cachetools import TTLCache
 from opentelemetry import metrics, trace
 
 from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
+from ._oauth_messages import TERMINAL_ERRORS
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
     from opentelemetry.trace import TracerProvider
 
 __all__ = ["FlightRecorder", "Telemetry", "default_telemetry", "flight_outcome"]
+
+logger = logging.getLogger(__name__)
 
 SCOPE = "asgi_token_refresh"
 
@@ -170,7 +174,6 @@ def default_telemetry() -> Telemetry:
     return Telemetry()
 
 
-_TERMINAL_CODES = frozenset({"invalid_grant", "invalid_client", "unauthorized_client"})
 _DEDUPE_PATHS = ("leader", "joined", "grace_cache", "negative_cache", "distributed")
 
 
@@ -180,7 +183,7 @@ def flight_outcome(error: BaseException | None) -> str:
         return "success"
     if isinstance(error, ReauthenticationRequired):
         return "invalid_grant" if error.reason == "invalid_grant" else "invalid_client"
-    if isinstance(error, TokenEndpointError) and error.error in _TERMINAL_CODES:
+    if isinstance(error, TokenEndpointError) and error.error in TERMINAL_ERRORS:
         # a refused client-credentials grant: the client, not a session, is the problem
         return "invalid_grant" if error.error == "invalid_grant" else "invalid_client"
     if isinstance(error, RefreshUnavailable) and error.reason in ("timeout", "network_error"):
@@ -216,6 +219,7 @@ class FlightRecorder:
         }
         # When each grant was last refreshed, by the key of the refresh token it got then.
         # Feeds the refresh.interval histogram (storms show as short intervals).
+        self._quiet_until = 0.0  # no "issued already due" warning before this (monotonic)
         self._refreshed_at: TTLCache[bytes, float] = TTLCache(
             max_entries, 24 * 3600, timer=monotonic
         )
@@ -229,6 +233,20 @@ class FlightRecorder:
         attributes = self._dedupe[path]
         self.telemetry.token_requests.add(1, attributes)
         return self.telemetry.tracer.start_span(SPAN_ACQUIRE, attributes=attributes)
+
+    def issued_due(self, lifetime: float, skew: float) -> None:
+        """Say, at most once a minute, that the provider issues tokens that are due at once."""
+        now = self._monotonic()
+        if now < self._quiet_until:
+            return
+        self._quiet_until = now + 60.0
+        logger.warning(
+            "the provider issued an access token that is already due (lifetime %.0f s, "
+            "skew %g s): every request that uses it refreshes once; lower skew or ask the "
+            "provider for longer-lived tokens",
+            lifetime,
+            skew,
+        )
 
     def left(self, span: trace.Span, joined: trace.Span | None) -> None:
         """End a caller's span, linked to the flight it ``joined`` (the leader's is its parent)."""

@@ -85,10 +85,12 @@ class TokenSet:
         if isinstance(body, bytes | str):
             try:
                 payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (ValueError, RecursionError):  # also: bad UTF-8, 4,300+ digits, deep nesting
                 raise _invalid("token response is not JSON") from None
         if not isinstance(payload, Mapping):
             raise _invalid("token response is not a JSON object")
+        if "error" in payload:
+            raise _invalid("a successful token response carries an error")
 
         access_token = payload.get("access_token")
         if not isinstance(access_token, str) or not access_token:
@@ -189,7 +191,7 @@ def _parse_expires_in(value: Any, default: float) -> float:
         raise _invalid("token response expires_in is not a number")
     try:
         seconds = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer beyond any float
         raise _invalid("token response expires_in is not a number") from None
     if not math.isfinite(seconds) or seconds < 0:
         raise _invalid("token response expires_in is not a non-negative number")

@@ -115,8 +115,8 @@ def test_retry_after_accepts_seconds_and_http_dates() -> None:
 
 
 @pytest.mark.parametrize("status", [400, 401, 403])
-@pytest.mark.parametrize("error", ["invalid_grant", "invalid_client", "invalid_scope"])
-def test_oauth_errors_are_classified_by_the_error_field_not_the_status(
+@pytest.mark.parametrize("error", ["invalid_grant", "invalid_client", "unauthorized_client"])
+def test_terminal_oauth_errors_are_classified_by_the_error_field_not_the_status(
     status: int, error: str
 ) -> None:
     body = f'{{"error": "{error}", "error_description": "d", "error_uri": "https://e"}}'.encode()
@@ -124,6 +124,22 @@ def test_oauth_errors_are_classified_by_the_error_field_not_the_status(
         raise_for_token_response(status, {}, body, now=NOW)
     assert (caught.value.error, caught.value.status) == (error, status)
     assert (caught.value.error_description, caught.value.error_uri) == ("d", "https://e")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+@pytest.mark.parametrize(
+    "error", ["invalid_request", "invalid_scope", "unsupported_grant_type", "access_denied"]
+)
+def test_every_other_oauth_error_is_the_provider_misbehaving_not_a_dead_session(
+    status: int, error: str
+) -> None:
+    body = f'{{"error": "{error}", "error_description": "d"}}'.encode()
+    with pytest.raises(RefreshUnavailable) as caught:
+        raise_for_token_response(status, {}, body, now=NOW)
+    assert caught.value.reason == "provider_error"
+    assert caught.value.retry_after == 5.0
+    assert isinstance(caught.value.__cause__, TokenEndpointError)
+    assert caught.value.__cause__.error == error
 
 
 @pytest.mark.parametrize(
@@ -145,10 +161,13 @@ def test_provider_trouble_is_transient(
     assert isinstance(caught.value.__cause__, TokenEndpointError)
 
 
-def test_a_non_oauth_error_body_is_an_invalid_response() -> None:
-    with pytest.raises(TokenEndpointError) as caught:
+def test_a_non_oauth_error_body_is_an_invalid_response_and_transient() -> None:
+    with pytest.raises(RefreshUnavailable) as caught:
         raise_for_token_response(404, {}, b"<html>not found</html>", now=NOW)
-    assert (caught.value.error, caught.value.status) == ("invalid_response", 404)
+    cause = caught.value.__cause__
+    assert isinstance(cause, TokenEndpointError)
+    assert (cause.error, cause.status) == ("invalid_response", 404)
+    assert "HTTP 404 invalid_response" in str(caught.value)
 
 
 def test_discovery_document_must_name_the_expected_issuer() -> None:
@@ -292,7 +311,7 @@ async def test_a_wrong_secret_is_an_invalid_client_error(idp: FakeIdP) -> None:
     [
         (Fault.server_error(), RefreshUnavailable),
         (Fault.unavailable(retry_after=9), RefreshUnavailable),
-        (Fault.malformed(), TokenEndpointError),
+        (Fault.malformed(), RefreshUnavailable),
         (Fault.invalid_grant(status=403), TokenEndpointError),
     ],
 )

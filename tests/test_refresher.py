@@ -17,7 +17,6 @@ from asgi_token_refresh import (
     ReauthenticationRequired,
     Refresher,
     RefreshUnavailable,
-    TokenEndpointError,
     TokenParams,
     TokenSet,
 )
@@ -419,16 +418,18 @@ async def test_a_lost_response_after_the_provider_rotated_depends_on_its_grace_w
     await client.aclose()
 
 
-async def test_garbage_from_the_provider_is_a_clear_token_endpoint_error(
+async def test_garbage_from_the_provider_is_transient_and_keeps_the_session(
     refresher: Refresher, idp: FakeIdP, clock: FakeClock
 ) -> None:
     session = login(idp, clock)
     clock.advance(EXPIRED)
     idp.script(Fault.malformed())
-    with pytest.raises(TokenEndpointError) as caught:
+    with pytest.raises(RefreshUnavailable) as caught:
         await refresher.ensure_fresh(session)
-    assert caught.value.error == "invalid_response"
-    assert "not JSON" in str(caught.value)
+    assert caught.value.reason == "provider_error"
+    assert "HTTP 200 invalid_response: token response is not JSON" in str(caught.value)
+    clock.advance(caught.value.retry_after)  # the provider recovers: the session lives on
+    assert (await refresher.ensure_fresh(session)).refresh_token != session.refresh_token
 
 
 # -- skew ---------------------------------------------------------------------------------------

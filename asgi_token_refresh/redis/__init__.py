@@ -9,6 +9,14 @@ Round trips per flight: the leader makes two (claim, publish); a follower makes 
 woken by pub/sub (polling is the fallback) and makes one lookup. The fresh path makes none.
 """
 
+try:
+    import redis.asyncio  # noqa: F401 - say what is missing at import, not at first use
+except ImportError as missing:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "asgi_token_refresh.redis needs the 'redis' package: "
+        "pip install 'asgi-token-refresh[redis]'"
+    ) from missing
+
 from ._coordinator import RedisCoordinator
 from ._sessions import RedisSessionBackend, RedisSessionStore
 

@@ -6,7 +6,6 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from .._errors import ConfigurationError
 from .._per_loop import PerLoop
 
 __all__ = [
@@ -57,6 +56,8 @@ return {0}
 """
 # KEYS: session. ARGV: generation, sealed token set, ttl ms. Never moves back a generation.
 STORE_SESSION = """
+local kind = redis.call('TYPE', KEYS[1]).ok
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 local current = tonumber(redis.call('HGET', KEYS[1], 'generation'))
 if current and current > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'token_set', ARGV[2])
@@ -73,12 +74,6 @@ class RedisConnection:
     """A redis-py asyncio client per event loop (a connection pool belongs to one loop)."""
 
     def __init__(self, url: str, options: Mapping[str, Any]) -> None:
-        try:
-            import redis.asyncio  # noqa: F401 - fail at construction, not on first use
-        except ImportError:  # pragma: no cover - depends on the installation
-            raise ConfigurationError(
-                "Redis support needs the 'redis' package: pip install 'asgi-token-refresh[redis]'"
-            ) from None
         self.url = url
         self.options = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5, **options}
         self._clients: PerLoop[Any] = PerLoop(self._connect, close=_close)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, Unpack
 
+import redis.exceptions
+
+from .._errors import ConfigurationError, RefreshUnavailable
 from .._sealing import Sealer
 from .._sessions import BackendSessionStore, SessionCookie
 from .._tokens import TokenSet
@@ -15,6 +19,8 @@ from ._connection import STORE_SESSION, RedisConnection, ms
 __all__ = ["RedisSessionBackend", "RedisSessionStore"]
 
 logger = logging.getLogger(__name__)
+
+_STORE_RETRY_AFTER = 2.0  # seconds a browser waits before it asks again while Redis is down
 
 
 class RedisSessionBackend:
@@ -28,18 +34,31 @@ class RedisSessionBackend:
         *,
         secret_keys: Sequence[str | bytes],
         prefix: str = "atr",
+        timeout: float = 1.0,
         redis_options: Mapping[str, Any] | None = None,
     ) -> None:
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigurationError("timeout must be a positive number of seconds")
         self.prefix = prefix
+        self.timeout = timeout
         self._sealer = Sealer(secret_keys, purpose="atr-session-v1", extra="redis")
-        self._redis = RedisConnection(url, redis_options or {})
+        # A request waits at most ``timeout`` for Redis: to connect, for an answer, and for a
+        # free connection of the pool (redis-py's own default there is 20 s).
+        bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "timeout": timeout}
+        self._redis = RedisConnection(url, {**bounded, **(redis_options or {})})
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:session:{self._sealer.name('session', session_id)}"
 
     async def get(self, session_id: str) -> TokenSet | None:
         key = self._key(session_id)
-        sealed = await self._redis.client().hget(key, "token_set")
+        try:
+            sealed = await self._redis.client().hget(key, "token_set")
+        except redis.exceptions.ResponseError:  # WRONGTYPE: not ours, not a session
+            logger.warning("a session key in Redis holds another type of value; no session")
+            return None
+        except redis.exceptions.RedisError as exc:
+            raise self._unavailable(exc) from None
         if sealed is None:
             return None
         try:
@@ -52,13 +71,26 @@ class RedisSessionBackend:
         key = self._key(session_id)
         plaintext = json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
         sealed = self._sealer.seal(plaintext, key.encode())
-        stored = await self._redis.client().eval(
-            STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl)
-        )
+        try:
+            stored = await self._redis.client().eval(
+                STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl)
+            )
+        except redis.exceptions.RedisError as exc:
+            raise self._unavailable(exc) from None
         return bool(stored)
 
     async def delete(self, session_id: str) -> None:
-        await self._redis.client().delete(self._key(session_id))
+        try:
+            await self._redis.client().delete(self._key(session_id))
+        except redis.exceptions.RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: Exception) -> RefreshUnavailable:
+        """Redis is unreachable, frozen or failing: a 503 that keeps the session (its cookie
+        is not touched), rather than a 500 or an anonymous request."""
+        return RefreshUnavailable(
+            "store_unavailable", retry_after=_STORE_RETRY_AFTER, detail=type(exc).__name__
+        )
 
     async def aclose(self) -> None:
         await self._redis.aclose()
@@ -72,6 +104,10 @@ class RedisSessionStore(BackendSessionStore):
     on the token generation: a slower writer never moves a session back. Sessions expire
     ``max_age`` after their last write, or with the refresh token when the provider says
     (``refresh_expires_in``). Shared by every worker and host using the same Redis and keys.
+
+    A value of another type or that does not authenticate is no session. If Redis does not
+    answer within ``timeout`` seconds (unreachable, frozen, failing), the request gets a 503
+    with ``Retry-After`` and the session is kept.
     """
 
     def __init__(
@@ -80,11 +116,16 @@ class RedisSessionStore(BackendSessionStore):
         *,
         secret_keys: Sequence[str | bytes],
         prefix: str = "atr",
+        timeout: float = 1.0,
         redis_options: Mapping[str, Any] | None = None,
         **cookie: Unpack[SessionCookie],
     ) -> None:
         self._redis_backend = RedisSessionBackend(
-            url, secret_keys=secret_keys, prefix=prefix, redis_options=redis_options
+            url,
+            secret_keys=secret_keys,
+            prefix=prefix,
+            timeout=timeout,
+            redis_options=redis_options,
         )
         super().__init__(self._redis_backend, **cookie)
         self.prefix = prefix
