@@ -155,6 +155,8 @@ class TokenRefreshMiddleware:
         try:
             await self.app(scope, receive, send_with_session)
         except (ReauthenticationRequired, RefreshUnavailable) as exc:
+            if answered:  # already answered for it; Starlette's error middleware re-raises
+                return
             if started or not self._answers(exc):
                 raise
             await self._answer(scope, exc, emit)

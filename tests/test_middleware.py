@@ -558,3 +558,92 @@ def test_the_fastapi_dependency_explains_a_missing_middleware() -> None:
         pytest.raises(ConfigurationError, match="add TokenRefreshMiddleware"),
     ):
         client.get("/")
+
+
+# -- frameworks that catch exceptions themselves ------------------------------------------------
+
+
+def catching_framework(inner: Any) -> Any:
+    """An ASGI app that turns every exception into its own 500 page before it reaches the
+    middleware, as Litestar and Quart do."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await inner(scope, receive, send)
+        except Exception:
+            headers = [(b"content-type", b"text/plain")]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": b"Internal Server Error"})
+
+    return app
+
+
+@pytest.fixture
+def behind_a_framework(idp: FakeIdP, refresher: Refresher, clock: FakeClock) -> Any:
+    def make(**options: Any) -> Any:
+        routes = starlette_app(idp).router  # the routes, without the middleware
+        store = MemorySessionStore(clock=clock)
+        return TokenRefreshMiddleware(
+            catching_framework(routes), refresher=refresher, store=store, **options
+        )
+
+    return make
+
+
+async def test_a_framework_500_page_for_a_dead_session_becomes_the_documented_401(
+    behind_a_framework: Any, idp: FakeIdP, clock: FakeClock
+) -> None:
+    async with browser(behind_a_framework()) as client:
+        await client.get("/login")
+        clock.advance(EXPIRED)
+        idp.script(Fault.invalid_grant())
+        response = await client.get("/token")
+        assert response.status_code == 401
+        assert response.json() == {"error": "reauthentication_required", "reason": "invalid_grant"}
+        assert all("Max-Age=0" in c for c in set_cookies(response))
+        assert dict(client.cookies) == {}
+
+
+async def test_a_framework_500_page_for_a_provider_outage_becomes_a_503_and_keeps_the_session(
+    behind_a_framework: Any, idp: FakeIdP, clock: FakeClock
+) -> None:
+    async with browser(behind_a_framework(on_terminal="redirect:/login")) as client:
+        await client.get("/login")
+        clock.advance(EXPIRED)
+        idp.script(Fault.unavailable(retry_after=7))
+        response = await client.get("/token")
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "7"
+        assert response.json()["error"] == "token_refresh_unavailable"
+        clock.advance(7)
+        recovered = await client.get("/token")
+    assert recovered.status_code == 200
+    assert idp.token_calls("refresh_token", "success") == 1
+
+
+async def test_a_framework_500_unrelated_to_tokens_stays_the_frameworks(
+    behind_a_framework: Any,
+) -> None:
+    async with browser(behind_a_framework()) as client:
+        await client.get("/login")
+        response = await client.get("/boom")  # the endpoint fails after a fresh get()
+    assert response.status_code == 500
+    assert response.text == "Internal Server Error"
+
+
+async def test_starlettes_own_500_handler_does_not_hide_the_401_nor_leak_the_exception(
+    idp: FakeIdP, refresher: Refresher, clock: FakeClock
+) -> None:
+    async def custom_500(request: Request, exc: Exception) -> Response:
+        return PlainTextResponse("custom error page", status_code=500)
+
+    app = starlette_app(idp, refresher=refresher, store=MemorySessionStore(clock=clock))
+    app.add_exception_handler(Exception, custom_500)  # Starlette sends it, then re-raises
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url=APP) as client:
+        await client.get("/login")
+        clock.advance(EXPIRED)
+        idp.script(Fault.invalid_grant())
+        response = await client.get("/token")  # no exception escapes the middleware
+    assert response.status_code == 401
+    assert response.json()["reason"] == "invalid_grant"

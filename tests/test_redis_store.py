@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import re
+import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
@@ -33,7 +35,7 @@ from asgi_token_refresh import TokenSet as TokenSetType
 from asgi_token_refresh.redis import RedisCoordinator, RedisSessionStore
 from asgi_token_refresh.testing import FakeClock, FakeIdP
 
-from .processes import RedisServer
+from .processes import RedisServer, running_redis
 
 pytestmark = pytest.mark.anyio
 
@@ -613,3 +615,48 @@ async def test_a_tampered_session_is_a_401_never_a_500(
         response = await client.get("/token")
     assert response.status_code == 401
     assert response.json()["error"] == "reauthentication_required"
+
+
+# -- store faults: no session, or a 503 that keeps the session ----------------------------------
+
+
+async def test_a_key_of_another_type_is_no_session_and_is_replaced_on_write(
+    store: RedisSessionStore, raw: redis.Redis
+) -> None:
+    session, _ = await store.save({}, None, token_set(), new_session=True)
+    assert session is not None
+    [key] = session_keys(raw)
+    raw.delete(key)
+    raw.rpush(key, b"not", b"a", b"hash")  # WRONGTYPE for every hash command
+    assert await store.load({"atr_sid": session.id or ""}) is None
+    refreshed = token_set(NOW + 300)
+    await store.persist(session, refreshed)
+    assert await store.read(session) == refreshed
+
+
+async def test_redis_frozen_or_down_is_a_503_that_keeps_the_session_and_nothing_is_lost(
+    idp: FakeIdP, client: OAuth2Client
+) -> None:
+    with running_redis() as server:
+        store = RedisSessionStore(server.url, secret_keys=[SECRET], timeout=0.5)
+        app = worker_app(idp, Refresher(client, jitter=0.0), store)
+        async with browser(app) as alice:
+            assert (await alice.get("/login")).status_code == 200
+            before = await alice.get("/token")
+            answers = []
+            os.kill(server.process.pid, signal.SIGSTOP)  # frozen: no answer within the timeout
+            try:
+                answers.append(await alice.get("/token"))
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            thawed = await alice.get("/token")
+            server.stop()  # down: connections refused
+            answers.append(await alice.get("/token"))
+        await store.aclose()
+    for down in answers:
+        assert down.status_code == 503
+        assert down.json()["reason"] == "store_unavailable"
+        assert down.headers["retry-after"] == "2"
+        assert "set-cookie" not in down.headers  # the browser keeps its session cookie
+    assert thawed.status_code == 200
+    assert thawed.json() == before.json()  # the same session, its tokens intact
