@@ -277,7 +277,7 @@ class TokenAccessor:
         if revoke:
             try:
                 await self._refresher.client.revoke(token_set.refresh_token)
-            except RefreshUnavailable as exc:
+            except (RefreshUnavailable, TokenEndpointError) as exc:
                 # The session is gone here either way; the provider lets the grant expire.
                 logger.warning("could not revoke the refresh token at logout: %s", exc)
 
