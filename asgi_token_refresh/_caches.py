@@ -24,6 +24,7 @@ from ._keys import KeyMaker, TokenParams
 from ._tokens import TokenSet
 
 __all__ = [
+    "LOGGED_OUT",
     "Caches",
     "ExpiringMap",
     "GraceCache",
@@ -149,6 +150,10 @@ class Refusal:
         return TokenEndpointError(self.reason, status=self.status, retry_after=self.retry_after)
 
 
+#: What a logged-out session's stragglers (and a refresh that was in flight) are told.
+LOGGED_OUT = Refusal("terminal", "no_session", "logged out")
+
+
 class RefusalCache:
     """Key -> :class:`Refusal`, each kept for its own number of seconds (invariant 5)."""
 
@@ -257,5 +262,11 @@ class Caches:
     def logged_out(self, token_set: TokenSet, params: TokenParams) -> None:
         """Refuse stragglers of a session that logged out, for the grace TTL."""
         key, _, _ = self.lookup(token_set, params)
-        refusal = Refusal("terminal", "no_session", "logged out")
-        self.refusals.remember(key, refusal, self.grace_ttl, self._timer())
+        self.tombstone(key)
+
+    def tombstone(self, key: bytes) -> None:
+        """Mark the refresh token behind ``key`` as logged out, for the grace TTL."""
+        self.refusals.remember(key, LOGGED_OUT, self.grace_ttl, self._timer())
+
+    def is_logged_out(self, key: bytes) -> bool:
+        return self.refusal(key) is LOGGED_OUT

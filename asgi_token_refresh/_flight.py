@@ -16,8 +16,8 @@ from typing import Any, Literal
 
 from opentelemetry import trace
 
-from ._caches import Caches
-from ._errors import RefreshUnavailable
+from ._caches import LOGGED_OUT, Caches
+from ._errors import RefreshUnavailable, TokenEndpointError
 from ._exchange import Exchange, Trip
 from ._keys import TokenParams
 from ._oauth_messages import DEFAULT_RETRY_AFTER
@@ -108,8 +108,11 @@ class Pilot:
             error = exc
         finally:
             self._recorder.in_flight(-1)
-        self._land(flight, result, error, remember=True, started=started)
-        if issued and result is not None and request.on_refreshed is not None:
+        orphan = self._land(flight, result, error, remember=True, started=started)
+        if orphan is not None:
+            # Logout won: the tokens the provider just issued belong to no session any more.
+            await self._revoke(orphan)
+        elif issued and result is not None and request.on_refreshed is not None:
             await call_hook("on_refreshed", request.on_refreshed, result)
 
     async def _exchange_for(self, request: FlightRequest) -> tuple[TokenSet, bool]:
@@ -152,15 +155,25 @@ class Pilot:
         *,
         remember: bool,
         started: float,
-    ) -> None:
+    ) -> TokenSet | None:
         """Cache the outcome, record it, then release every waiter (in that order, so whoever
-        wakes up finds the caches, metrics and the flight span complete)."""
+        wakes up finds the caches, metrics and the flight span complete). Returns the token
+        set the provider issued for a session that logged out while the flight was in the
+        air: nobody gets it (invariant 11)."""
         request = flight.payload
+        orphan = None
         with self._flights.lock:
             waiters = self._flights.land(flight)
             if waiters is None:
-                return
-            if result is not None or remember:
+                return None
+            if result is not None and self._caches.is_logged_out(flight.key):
+                if result.refresh_token is not None:
+                    self._caches.tombstone(
+                        self._caches.keys.refresh_token(result.refresh_token, request.params)
+                    )
+                orphan, result = result, None
+                error = LOGGED_OUT.error()
+            elif result is not None or remember:
                 machine = request.grant == "client_credentials"
                 self._caches.remember(flight.key, machine, result, error)
         spent = request.token_set
@@ -182,6 +195,15 @@ class Pilot:
             rotation=rotation,
         )
         release(waiters, result, error)
+        return orphan
+
+    async def _revoke(self, orphan: TokenSet) -> None:
+        token = orphan.refresh_token or orphan.access_token
+        hint = "refresh_token" if orphan.refresh_token else "access_token"
+        try:
+            await self._exchange.client.revoke(token, token_type_hint=hint)
+        except (RefreshUnavailable, TokenEndpointError) as exc:
+            logger.warning("could not revoke tokens issued after logout: %s", exc)
 
 
 async def call_hook(name: str, hook: Callable[..., Any], *args: Any) -> Any:

@@ -647,3 +647,83 @@ async def test_starlettes_own_500_handler_does_not_hide_the_401_nor_leak_the_exc
         response = await client.get("/token")  # no exception escapes the middleware
     assert response.status_code == 401
     assert response.json()["reason"] == "invalid_grant"
+
+
+# -- logout always wins ---------------------------------------------------------------------
+
+
+async def test_a_refresh_in_flight_when_logout_runs_never_brings_the_session_back(
+    make_app: Callable[..., Any], idp: FakeIdP, clock: FakeClock, store: CountingStore
+) -> None:
+    async with browser(make_app()) as client:
+        await client.get("/login")
+        before_logout = dict(client.cookies)
+        clock.advance(EXPIRED)
+        gate = idp.pause_token_endpoint()
+        parked = asyncio.create_task(client.get("/token"))  # its refresh waits at the provider
+        await gate.arrived(1)
+        await client.get("/logout")
+        gate.release()
+        answer = await parked
+        for name, value in before_logout.items():  # a tab that still has the old cookie
+            client.cookies.set(name, value, domain="app.test")
+        replayed = await client.get("/token")
+        clock.advance(EXPIRED)
+        later = await client.get("/token")
+    assert answer.status_code == 401  # the tokens issued after logout are nobody's
+    assert all("Max-Age=0" in cookie for cookie in set_cookies(answer))
+    assert replayed.status_code == later.status_code == 401
+    assert idp.token_calls("refresh_token") == 1  # the parked one, refused: the grant is revoked
+    assert idp.grants_revoked == 1
+    if isinstance(store, CountingServerSideStore):
+        assert len(store.server_side) == 0  # type: ignore[arg-type]
+
+
+class HeldAnswers(httpx.AsyncBaseTransport):
+    """Lets the provider process each request at once but holds its answer until released:
+    a refresh that the provider has already answered when logout runs."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.answered = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if b"grant_type=refresh_token" in request.content:
+            self.answered.set()
+            await self.release.wait()
+        return response
+
+
+@pytest.mark.parametrize("store_kind", ["memory", "cookie"])
+async def test_a_refresh_the_provider_answered_before_logout_never_brings_the_session_back(
+    idp: FakeIdP, clock: FakeClock, store_kind: str
+) -> None:
+    from asgi_token_refresh import OAuth2Client
+
+    held = HeldAnswers(idp.transport())
+    client = OAuth2Client.from_discovery(
+        "https://idp.test", client_id="app", client_secret="app-secret", transport=held, clock=clock
+    )
+    refresher = Refresher(client, jitter=0)
+    memory = MemorySessionStore(clock=clock)
+    store = memory if store_kind == "memory" else CookieSessionStore(["k" * 32])
+    async with browser(starlette_app(idp, refresher=refresher, store=store)) as browser_:
+        await browser_.get("/login")
+        before_logout = dict(browser_.cookies)
+        clock.advance(EXPIRED)
+        parked = asyncio.create_task(browser_.get("/token"))
+        await held.answered.wait()  # the provider has rotated the grant and answered
+        await browser_.get("/logout")
+        held.release.set()
+        answer = await parked
+        for name, value in before_logout.items():
+            browser_.cookies.set(name, value, domain="app.test")
+        replayed = await browser_.get("/token")
+    assert idp.token_calls("refresh_token", "success") == 1
+    assert answer.status_code == 401
+    assert all("Max-Age=0" in cookie for cookie in set_cookies(answer))
+    assert replayed.status_code == 401
+    assert len(memory) == 0
+    assert idp.calls("revoke") == 2  # the session's grant at logout, the orphaned tokens after
