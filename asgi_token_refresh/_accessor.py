@@ -271,15 +271,8 @@ class TokenAccessor:
         store and refuse stragglers still holding older refresh tokens."""
         token_set = await self._load()
         self.clear_session()
-        if token_set is None or token_set.refresh_token is None:
-            return
-        self._refresher.forget(token_set)
-        if revoke:
-            try:
-                await self._refresher.client.revoke(token_set.refresh_token)
-            except (RefreshUnavailable, TokenEndpointError) as exc:
-                # The session is gone here either way; the provider lets the grant expire.
-                logger.warning("could not revoke the refresh token at logout: %s", exc)
+        if token_set is not None:
+            await self._refresher.end_session(token_set, revoke=revoke)
 
     def clear_session(self) -> None:
         """Forget this session's tokens, without revoking them (the middleware does it on a

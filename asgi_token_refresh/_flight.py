@@ -197,6 +197,20 @@ class Pilot:
         release(waiters, result, error)
         return orphan
 
+    async def revoke_at_logout(self, refresh_token: str, *, revoke: bool) -> None:
+        """Revoke a logged-out session's grant (RFC 7009), counted by what became of it."""
+        if not revoke:
+            self._recorder.logout("skipped")
+            return
+        try:
+            revoked = await self._exchange.client.revoke(refresh_token)
+        except (RefreshUnavailable, TokenEndpointError) as exc:
+            # The session is gone here either way; the provider lets the grant expire.
+            logger.warning("could not revoke the refresh token at logout: %s", exc)
+            self._recorder.logout("failed")
+            return
+        self._recorder.logout("revoked" if revoked else "unsupported")
+
     async def _revoke(self, orphan: TokenSet) -> None:
         token = orphan.refresh_token or orphan.access_token
         hint = "refresh_token" if orphan.refresh_token else "access_token"

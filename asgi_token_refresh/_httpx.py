@@ -17,8 +17,8 @@ import httpx
 
 from ._errors import ConfigurationError, ReauthenticationRequired
 from ._keys import TokenParams
-from ._oauth import instrumented
 from ._per_loop import PerLoop
+from ._provider_http import instrumented
 from ._refresher import Refresher
 from ._single_flight import run_blocking
 from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, default_telemetry

@@ -33,7 +33,9 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# What the middleware wraps: any ASGI callable. Litestar and Quart type their apps over
+# TypedDict scopes and messages, which a Callable over MutableMapping refuses under mypy.
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 #: The ``error`` field of the JSON body answered with ``on_terminal="401"``; stable.
 TERMINAL_ERROR_CODE = "reauthentication_required"

@@ -8,7 +8,6 @@ used from any loop or thread. Caching and single-flight live in ``_refresher``.
 
 from __future__ import annotations
 
-import asyncio
 import math
 import secrets
 from collections.abc import Mapping
@@ -18,10 +17,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from ._clock import SYSTEM_CLOCK, Clock
-from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
+from ._discovery import Discovery
+from ._errors import ConfigurationError, TokenEndpointError
 from ._oauth_messages import (
     AUTH_METHODS,
-    DEFAULT_RETRY_AFTER,
     AuthorizationRequest,
     ClientAuthMethod,
     ProviderMetadata,
@@ -31,17 +30,15 @@ from ._oauth_messages import (
     classify_token_error,
     raise_for_token_response,
 )
-from ._per_loop import PerLoop
+from ._provider_http import ProviderHTTP
 from ._telemetry import Telemetry, default_telemetry
 from ._tokens import TokenSet
 
-__all__ = ["OAuth2Client", "instrumented"]
+__all__ = ["OAuth2Client"]
+
 
 # Form fields that are secrets, redacted from whatever the provider echoes back.
 _SECRET_FIELDS = frozenset({"refresh_token", "code", "code_verifier", "client_secret", "token"})
-# Idle connections are dropped before common server idle timeouts (uvicorn's 5 s): reusing one
-# the server is closing fails the refresh with a ReadError, and a refresh POST is not retried.
-_POOL_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 
 
 class OAuth2Client:
@@ -71,6 +68,8 @@ class OAuth2Client:
         authorization_endpoint: str | None = None,
         revocation_endpoint: str | None = None,
         userinfo_endpoint: str | None = None,
+        jwks_uri: str | None = None,
+        end_session_endpoint: str | None = None,
         issuer: str | None = None,
         auth_method: ClientAuthMethod = "client_secret_basic",
         timeout: float = 10.0,
@@ -110,33 +109,38 @@ class OAuth2Client:
         self.issuer = issuer
         self.timeout = timeout
         self.default_token_lifetime = default_token_lifetime
-        #: Larger answers (compressed or decoded) are a misbehaving provider: 503, not memory.
-        self.max_response_bytes = max_response_bytes
         self.clock: Clock = clock or SYSTEM_CLOCK
-        self._transport = transport
-        self._http = http_client
-        self._owns_http = http_client is None
-        self._metadata: ProviderMetadata | None = None
-        if token_endpoint is not None:
-            self._metadata = ProviderMetadata(
-                token_endpoint=token_endpoint,
-                authorization_endpoint=authorization_endpoint,
-                revocation_endpoint=revocation_endpoint,
-                userinfo_endpoint=userinfo_endpoint,
-                issuer=issuer,
-            )
-        # Each loop's pool (unless http_client was passed): made on first use there, closed
-        # when that loop shuts down.
-        self._pools: PerLoop[httpx.AsyncClient] = PerLoop(
-            self._new_pool, close=httpx.AsyncClient.aclose
+        #: Spans and metrics; Refreshers built on this client share it unless given their own.
+        self.telemetry = telemetry or default_telemetry()
+        self._http = ProviderHTTP(
+            timeout=timeout,
+            max_response_bytes=max_response_bytes,
+            transport=transport,
+            http_client=http_client,
+            tracer_provider=self.telemetry.tracer_provider,
         )
-        # Discovery runs once; concurrent first callers on one loop share it.
-        self._discovery: PerLoop[dict[str, asyncio.Future[ProviderMetadata]]] = PerLoop(dict)
+        # Endpoints given explicitly win over discovered ones (a provider may publish none).
+        self._explicit = {
+            name: value
+            for name, value in (
+                ("authorization_endpoint", authorization_endpoint),
+                ("revocation_endpoint", revocation_endpoint),
+                ("userinfo_endpoint", userinfo_endpoint),
+                ("jwks_uri", jwks_uri),
+                ("end_session_endpoint", end_session_endpoint),
+            )
+            if value is not None
+        }
+        for endpoint, url in self._explicit.items():
+            if urlsplit(url).scheme not in ("http", "https"):
+                raise ConfigurationError(f"{endpoint} must be an http(s) URL, not {url!r}")
+        known = None
+        if token_endpoint is not None:  # nothing to discover
+            known = ProviderMetadata(token_endpoint=token_endpoint, issuer=issuer, **self._explicit)
+        self._discovery = Discovery(self._http, issuer=issuer, known=known, explicit=self._explicit)
         #: Identifies (provider, client) in cache keys, logs and the ``provider`` attribute.
         self.provider_url: str = issuer or token_endpoint or ""
         self.name: str = name or urlsplit(self.provider_url).hostname or "oauth2"
-        #: Spans and metrics; Refreshers built on this client share it unless given their own.
-        self.telemetry = telemetry or default_telemetry()
 
     @classmethod
     def from_discovery(cls, issuer: str, *, client_id: str, **options: Any) -> OAuth2Client:
@@ -154,8 +158,7 @@ class OAuth2Client:
         return (
             (self.provider_url, self.client_id, self.auth_method, self._client_secret)
             == (other.provider_url, other.client_id, other.auth_method, other._client_secret)
-            and self._transport is other._transport
-            and ((self._owns_http and other._owns_http) or self._http is other._http)
+            and self._http.same_as(other._http)
             and self.clock is other.clock
             and self.telemetry is other.telemetry
         )
@@ -164,32 +167,11 @@ class OAuth2Client:
 
     async def metadata(self) -> ProviderMetadata:
         """The provider's endpoints, discovering them on first use."""
-        if self._metadata is not None:
-            return self._metadata
-        pending = self._discovery.get()
-        discovery = pending.get("discovery")
-        if discovery is None:
-            discovery = pending["discovery"] = asyncio.ensure_future(self._fetch_discovery())
-        try:
-            # shield: one impatient caller must not cancel discovery for everyone else.
-            self._metadata = await asyncio.shield(discovery)
-        except BaseException:
-            if discovery.done():
-                pending.pop("discovery", None)  # failures are not cached: the next one retries
-            raise
-        return self._metadata
+        return await self._discovery.metadata()
 
-    async def _fetch_discovery(self) -> ProviderMetadata:
-        assert self.issuer is not None
-        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
-        status, _, body = await self._send("GET", url)
-        if status == 429 or status >= 500:
-            raise RefreshUnavailable(
-                "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=f"discovery HTTP {status}"
-            )
-        if status != 200:
-            raise ConfigurationError(f"discovery at {url} answered HTTP {status}")
-        return ProviderMetadata.from_discovery_document(body, issuer=self.issuer)
+    @property
+    def max_response_bytes(self) -> int:
+        return self._http.max_response_bytes
 
     # -- grants ----------------------------------------------------------------------------
 
@@ -276,63 +258,19 @@ class OAuth2Client:
         }
         return await self._token(grant, None)
 
-    async def revoke(self, token: str, *, token_type_hint: str = "refresh_token") -> None:
-        """Revoke a token (RFC 7009). A provider without a revocation endpoint is a no-op."""
-        await self._revoke(token, token_type_hint)
+    async def revoke(self, token: str, *, token_type_hint: str = "refresh_token") -> bool:
+        """Revoke a token (RFC 7009). ``False`` if the provider publishes no revocation
+        endpoint (neither in OIDC discovery nor in RFC 8414 metadata, nor given)."""
+        return await self._revoke(token, token_type_hint)
 
     async def aclose(self) -> None:
         """Close the running loop's pool (not an ``http_client`` that was passed in)."""
-        pool = self._pools.pop()
-        if pool is not None:
-            await pool.aclose()
-
-    # -- I/O ------------------------------------------------------------------------------------
-
-    def _client(self) -> httpx.AsyncClient:
-        return self._http if self._http is not None else self._pools.get()
-
-    def _new_pool(self) -> httpx.AsyncClient:
-        transport = instrumented(
-            self._transport or httpx.AsyncHTTPTransport(limits=_POOL_LIMITS),
-            self.telemetry.tracer_provider,
-        )
-        return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
-
-    async def _send(
-        self, method: str, url: str, **options: Any
-    ) -> tuple[int, httpx.Headers, bytes]:
-        """One request; the status, headers and body, read up to ``max_response_bytes`` (on the
-        wire and decoded both: a gzip bomb stops at the limit). Every failure is a
-        ``RefreshUnavailable`` that carries no request: httpx errors hold the request, whose
-        body holds the refresh token and whose headers hold the client credentials."""
-        limit = self.max_response_bytes
-        try:
-            async with self._client().stream(method, url, **options) as response:
-                body = bytearray()
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) > limit or response.num_bytes_downloaded > limit:
-                        raise RefreshUnavailable(
-                            "provider_error",
-                            retry_after=DEFAULT_RETRY_AFTER,
-                            detail=f"response larger than {limit} bytes",
-                        )
-                return response.status_code, response.headers, bytes(body)
-        except httpx.TimeoutException:
-            raise RefreshUnavailable("timeout", retry_after=DEFAULT_RETRY_AFTER) from None
-        except httpx.TransportError as exc:
-            raise RefreshUnavailable(
-                "network_error", retry_after=DEFAULT_RETRY_AFTER, detail=type(exc).__name__
-            ) from None
-        except httpx.HTTPError as exc:  # a body that does not decode, a bad redirect...
-            raise RefreshUnavailable(
-                "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=type(exc).__name__
-            ) from None
+        await self._http.aclose()
 
     async def _post(self, request: TokenRequest) -> tuple[int, bytes]:
         """POST ``request``; the status and body, every non-terminal answer already raised as
         ``RefreshUnavailable`` and every terminal one as ``TokenEndpointError``."""
-        status, headers, body = await self._send(
+        status, headers, body = await self._http.send(
             "POST", request.url, data=request.form, headers=request.headers
         )
         secrets = [v for k, v in request.form.items() if k in _SECRET_FIELDS]
@@ -362,10 +300,10 @@ class OAuth2Client:
             exc.status = status
             classify_token_error(exc)
 
-    async def _revoke(self, token: str, token_type_hint: str) -> None:
+    async def _revoke(self, token: str, token_type_hint: str) -> bool:
         metadata = await self.metadata()
         if metadata.revocation_endpoint is None:
-            return
+            return False
         request = build_token_request(
             metadata.revocation_endpoint,
             {"token": token, "token_type_hint": token_type_hint},
@@ -374,17 +312,4 @@ class OAuth2Client:
             auth_method=self.auth_method,
         )
         await self._post(request)
-
-
-def instrumented(
-    transport: httpx.AsyncBaseTransport, tracer_provider: Any = None
-) -> httpx.AsyncBaseTransport:
-    """``transport`` traced by opentelemetry-instrumentation-httpx when it is installed.
-
-    Its spans carry method, URL and status, never headers or bodies, so no token leaks there.
-    """
-    try:
-        from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
-    except ImportError:  # pragma: no cover - the instrumentation is an optional dependency
-        return transport
-    return AsyncOpenTelemetryTransport(transport, tracer_provider=tracer_provider)
+        return True

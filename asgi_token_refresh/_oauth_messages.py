@@ -57,20 +57,24 @@ DEFAULT_RETRY_AFTER = 5.0
 
 @dataclass(frozen=True, slots=True)
 class ProviderMetadata:
-    """The endpoints of a provider, given explicitly or read from OIDC discovery."""
+    """The endpoints of a provider, given explicitly or read from OIDC discovery (RFC 8414
+    authorization-server metadata fills in what OIDC discovery leaves out)."""
 
     token_endpoint: str
     authorization_endpoint: str | None = None
     revocation_endpoint: str | None = None
     userinfo_endpoint: str | None = None
     issuer: str | None = None
+    jwks_uri: str | None = None
+    end_session_endpoint: str | None = None
 
     @classmethod
     def from_discovery_document(cls, body: bytes, *, issuer: str) -> ProviderMetadata:
-        """Parse ``/.well-known/openid-configuration`` and check it names ``issuer``."""
+        """Parse ``/.well-known/openid-configuration`` (or RFC 8414's
+        ``/.well-known/oauth-authorization-server``) and check it names ``issuer``."""
         try:
             doc = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):
             raise ConfigurationError(f"discovery document of {issuer} is not JSON") from None
         if not isinstance(doc, Mapping):
             raise ConfigurationError(f"discovery document of {issuer} is not a JSON object")
@@ -97,6 +101,8 @@ class ProviderMetadata:
             revocation_endpoint=url("revocation_endpoint"),
             userinfo_endpoint=url("userinfo_endpoint"),
             issuer=issuer,
+            jwks_uri=url("jwks_uri"),
+            end_session_endpoint=url("end_session_endpoint"),
         )
 
 

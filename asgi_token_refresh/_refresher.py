@@ -270,6 +270,14 @@ class Refresher:
         with self._flights.lock:
             self._caches.logged_out(token_set, params)
 
+    async def end_session(self, token_set: TokenSet, *, revoke: bool = True) -> None:
+        """Logout (invariant 11): stragglers with this session's older refresh tokens are
+        refused, a refresh in flight hands its tokens to nobody, and the grant is revoked at
+        the provider (RFC 7009) when it publishes a revocation endpoint."""
+        if token_set.refresh_token is not None:
+            self.forget(token_set)
+            await self._pilot.revoke_at_logout(token_set.refresh_token, revoke=revoke)
+
     # -- boarding -------------------------------------------------------------------------------
 
     def _machine_token(self, key: bytes, failed_access_token: str | None) -> TokenSet | None:

@@ -42,6 +42,7 @@ REFRESH_WAITERS = "asgi_token_refresh.refresh.waiters"
 REFRESH_INTERVAL = "asgi_token_refresh.refresh.interval"
 TOKEN_FRESH = "asgi_token_refresh.token.fresh"
 COORDINATOR_ERRORS = "asgi_token_refresh.coordinator.errors"
+LOGOUTS = "asgi_token_refresh.logouts"
 
 # Span names.
 SPAN_REFRESH = "asgi_token_refresh.refresh"
@@ -57,6 +58,7 @@ DEDUPE = "dedupe"  # leader | joined | grace_cache | negative_cache | distribute
 COMPONENT = "component"  # asgi | httpx
 COORDINATOR = "coordinator"  # local | redis | file
 ERROR_TYPE = "error.type"
+REVOCATION = "revocation"  # revoked | unsupported | failed | skipped
 ROTATED = "rotated"
 WAITERS = "waiters"
 
@@ -145,6 +147,11 @@ class Telemetry:
             "{error}",
             "Coordinator (Redis, file) failures; flights fall back to local coordination",
         )
+        self.logouts = meter.create_counter(
+            LOGOUTS,
+            "{logout}",
+            "Sessions ended by logout, by what became of the grant at the provider",
+        )
         # Weak: a global meter must not keep every Refresher (and its caches) alive.
         self._fresh_sources: weakref.WeakSet[FreshCounting] = weakref.WeakSet()
         meter.create_observable_counter(
@@ -220,6 +227,7 @@ class FlightRecorder:
         # When each grant was last refreshed, by the key of the refresh token it got then.
         # Feeds the refresh.interval histogram (storms show as short intervals).
         self._quiet_until = 0.0  # no "issued already due" warning before this (monotonic)
+        self._said_unrevokable = False
         self._refreshed_at: TTLCache[bytes, float] = TTLCache(
             max_entries, 24 * 3600, timer=monotonic
         )
@@ -247,6 +255,19 @@ class FlightRecorder:
             lifetime,
             skew,
         )
+
+    def logout(self, revocation: str) -> None:
+        """Count a logout; say once that the provider cannot revoke, which leaves the grant
+        alive at the provider until it expires."""
+        self.telemetry.logouts.add(1, {REVOCATION: revocation, **self.attributes})
+        if revocation == "unsupported" and not self._said_unrevokable:
+            self._said_unrevokable = True
+            logger.warning(
+                "the provider publishes no revocation endpoint (neither in OIDC discovery nor in "
+                "RFC 8414 metadata): logout ends the session here, but its grant stays valid at "
+                "the provider until it expires; pass OAuth2Client(revocation_endpoint=...) if "
+                "it has one"
+            )
 
     def left(self, span: trace.Span, joined: trace.Span | None) -> None:
         """End a caller's span, linked to the flight it ``joined`` (the leader's is its parent)."""

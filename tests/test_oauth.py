@@ -361,3 +361,73 @@ def test_an_unreachable_provider_is_a_network_error() -> None:
     with pytest.raises(RefreshUnavailable) as caught:
         asyncio.run(once(client))
     assert caught.value.reason == "network_error"
+
+
+# -- where the endpoints come from ------------------------------------------------------------
+
+
+def metadata_provider(
+    issuer: str, *, oidc: dict[str, str], oauth: dict[str, str] | None
+) -> tuple[httpx.MockTransport, list[str]]:
+    """A provider that serves OIDC discovery and, if given, RFC 8414 metadata at the path
+    RFC 8414 §3.1 prescribes (the issuer's path after the well-known segment)."""
+    parts = urlsplit(issuer)
+    oauth_path = f"/.well-known/oauth-authorization-server{parts.path.rstrip('/')}"
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.path)
+        if request.url.path == parts.path.rstrip("/") + "/.well-known/openid-configuration":
+            return httpx.Response(200, json={"issuer": issuer, **oidc})
+        if oauth is not None and request.url.path == oauth_path:
+            return httpx.Response(200, json={"issuer": issuer, **oauth})
+        if request.url.path.endswith("/revoke"):
+            return httpx.Response(200)
+        return httpx.Response(404)
+
+    return httpx.MockTransport(handle), seen
+
+
+@pytest.mark.parametrize("issuer", ["https://idp.test", "https://idp.test/tenants/acme"])
+async def test_a_revocation_endpoint_published_only_in_rfc_8414_metadata_is_found(
+    issuer: str,
+) -> None:
+    transport, seen = metadata_provider(
+        issuer,
+        oidc={"token_endpoint": f"{issuer}/token", "jwks_uri": f"{issuer}/jwks"},
+        oauth={"token_endpoint": f"{issuer}/token", "revocation_endpoint": f"{issuer}/revoke"},
+    )
+    client = OAuth2Client.from_discovery(
+        issuer, client_id="a", client_secret="s", transport=transport
+    )
+    metadata = await client.metadata()
+    assert metadata.revocation_endpoint == f"{issuer}/revoke"
+    assert metadata.jwks_uri == f"{issuer}/jwks"
+    assert await client.revoke("rt") is True
+    assert seen[-1].endswith("/revoke")
+
+
+async def test_an_explicit_revocation_endpoint_is_honoured_with_discovery() -> None:
+    issuer = "https://idp.test"
+    transport, seen = metadata_provider(
+        issuer, oidc={"token_endpoint": f"{issuer}/token"}, oauth=None
+    )
+    client = OAuth2Client.from_discovery(
+        issuer,
+        client_id="a",
+        client_secret="s",
+        transport=transport,
+        revocation_endpoint=f"{issuer}/custom/revoke",
+    )
+    assert (await client.metadata()).revocation_endpoint == f"{issuer}/custom/revoke"
+    assert not any("oauth-authorization-server" in path for path in seen)
+
+
+async def test_a_provider_without_any_revocation_endpoint_says_so() -> None:
+    issuer = "https://idp.test"
+    transport, _ = metadata_provider(issuer, oidc={"token_endpoint": f"{issuer}/token"}, oauth=None)
+    client = OAuth2Client.from_discovery(
+        issuer, client_id="a", client_secret="s", transport=transport
+    )
+    assert (await client.metadata()).revocation_endpoint is None
+    assert await client.revoke("rt") is False

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from .._per_loop import PerLoop
@@ -15,6 +17,7 @@ __all__ = [
     "RELEASE",
     "RENEW",
     "STORE_SESSION",
+    "ClusterClient",
     "RedisConnection",
     "ms",
 ]
@@ -71,10 +74,12 @@ def ms(seconds: float) -> int:
 
 
 class RedisConnection:
-    """A redis-py asyncio client per event loop (a connection pool belongs to one loop)."""
+    """A redis-py asyncio client per event loop (a connection pool belongs to one loop): for
+    one server, or for a Redis Cluster (``cluster=True``)."""
 
-    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+    def __init__(self, url: str, options: Mapping[str, Any], *, cluster: bool = False) -> None:
         self.url = url
+        self.cluster = cluster
         self.options = {"socket_timeout": 1.0, "socket_connect_timeout": 0.5, **options}
         self._clients: PerLoop[Any] = PerLoop(self._connect, close=_close)
 
@@ -85,12 +90,28 @@ class RedisConnection:
     def _connect(self) -> Any:
         import redis.asyncio
 
+        if self.cluster:
+            return ClusterClient(self.url, self.options)
         # Blocking: past max_connections (redis_options, default 50) a command waits for a
         # free connection (up to ``timeout``, default 20 s) instead of failing at once with
         # MaxConnectionsError, as recent redis-py's default pool does past 100: a storm of
         # requests would get 500s.
         pool = redis.asyncio.BlockingConnectionPool.from_url(self.url, **self.options)
         return redis.asyncio.Redis(connection_pool=pool)
+
+    async def subscribe(self, channel: str) -> Any:
+        """A pub/sub connection of the running loop's client, subscribed to ``channel``."""
+        client = self.client()
+        if self.cluster:
+            await client.initialize()  # a cluster pub/sub picks its node from the slot map
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()
+            raise
+        return pubsub
 
     async def aclose(self) -> None:
         """Close the running loop's client and its pool."""
@@ -100,4 +121,65 @@ class RedisConnection:
 
 
 async def _close(client: Any) -> None:
-    await client.aclose(close_connection_pool=True)  # a pool passed in is kept otherwise
+    if isinstance(client, ClusterClient):
+        await client.aclose()
+    else:
+        await client.aclose(close_connection_pool=True)  # a pool passed in is kept otherwise
+
+
+class ClusterClient:
+    """redis-py's ``RedisCluster`` with the bounds a single server's pool keeps.
+
+    Its own pools fail a command at once with MaxConnectionsError when a node's connections
+    are all busy, and it retries a failing command up to ten times. Here, as with
+    ``BlockingConnectionPool``, a command waits for one of ``max_connections`` turns (default
+    50), and it is done, turn and retries included, within ``timeout`` (default 20 s) or
+    raises ``redis.exceptions.TimeoutError``. Commands route by key slot: a script's keys
+    share a hash tag, so it runs on the node that holds them all.
+    """
+
+    def __init__(self, url: str, options: Mapping[str, Any]) -> None:
+        import redis.asyncio
+
+        options = dict(options)
+        self.timeout = float(options.pop("timeout", 20.0))
+        turns = int(options.pop("max_connections", 50))
+        self._turns = asyncio.Semaphore(turns)
+        # One connection more per node than there are turns: a pub/sub listener keeps one.
+        self.redis = redis.asyncio.RedisCluster.from_url(url, max_connections=turns + 1, **options)
+
+    async def _run(self, command: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        import redis.exceptions
+
+        deadline = asyncio.timeout(None)
+        try:
+            async with deadline, self._turns:
+                return await command(*args)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise redis.exceptions.TimeoutError(
+                f"no answer from the Redis Cluster within {self.timeout:g} s"
+            ) from None
+
+    async def eval(self, script: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self._run(self.redis.eval, script, numkeys, *keys_and_args)
+
+    async def get(self, key: str) -> Any:
+        return await self._run(self.redis.get, key)
+
+    async def hget(self, key: str, field: str) -> Any:
+        return await self._run(self.redis.hget, key, field)
+
+    async def delete(self, *keys: str) -> Any:
+        return await self._run(self.redis.delete, *keys)
+
+    async def initialize(self) -> None:
+        """Learn the cluster's nodes and slots (the first command does it too)."""
+        await self._run(self.redis.initialize)
+
+    def pubsub(self) -> Any:
+        return self.redis.pubsub()
+
+    async def aclose(self) -> None:
+        await self.redis.aclose()

@@ -48,6 +48,13 @@ class RedisCoordinator:
     every process sharing the grants must use the same keys. Pass it to a Refresher
     (``Refresher(client, coordinator=RedisCoordinator(url, secret_keys=[...]))``).
     If Redis fails, flights fall back to local coordination (counted and logged once).
+
+    ``cluster=True`` talks to a Redis Cluster (``url`` names any one node): a grant's lease
+    and result share a hash tag, so each step runs on the node holding the grant's slot, and
+    followers are woken through the cluster-wide pub/sub channel (polling remains the
+    fallback). ``redis_options`` go to ``redis.asyncio.RedisCluster`` then, except
+    ``max_connections`` and ``timeout``, which bound this process's commands as a
+    ``BlockingConnectionPool`` does for one server.
     """
 
     name = "redis"
@@ -60,11 +67,12 @@ class RedisCoordinator:
         prefix: str = "atr",
         poll_interval: float = 0.25,
         redis_options: Mapping[str, Any] | None = None,
+        cluster: bool = False,
     ) -> None:
         if not (math.isfinite(poll_interval) and poll_interval > 0):
             raise ConfigurationError("poll_interval must be a positive number of seconds")
         self._sealer = Sealer(secret_keys, purpose="atr-redis-v1", extra="redis")
-        self._redis = RedisConnection(url, redis_options or {})
+        self._redis = RedisConnection(url, redis_options or {}, cluster=cluster)
         self.prefix = prefix
         self.channel = f"{prefix}:published"
         self.poll_interval = poll_interval
@@ -72,7 +80,8 @@ class RedisCoordinator:
         self._loops: PerLoop[_LoopState] = PerLoop(_LoopState, close=_LoopState.aclose)
 
     def __repr__(self) -> str:
-        return f"RedisCoordinator(prefix={self.prefix!r})"
+        cluster = ", cluster=True" if self._redis.cluster else ""
+        return f"RedisCoordinator(prefix={self.prefix!r}{cluster})"
 
     def _keys(self, key: str) -> tuple[str, str]:
         tagged = f"{self.prefix}:{{{key}}}"  # the hash tag keeps both keys in one Cluster slot
@@ -213,9 +222,9 @@ class RedisCoordinator:
     async def _listen(self, state: _LoopState) -> None:
         """Wake local followers when any process publishes; reconnect on failure."""
         while True:
-            pubsub = self._redis.client().pubsub()
+            pubsub = None
             try:
-                await pubsub.subscribe(self.channel)
+                pubsub = await self._redis.subscribe(self.channel + "x")
                 async for message in pubsub.listen():
                     if message.get("type") == "subscribe":  # the server confirmed it
                         state.subscribed.set()
@@ -232,8 +241,9 @@ class RedisCoordinator:
                 logger.debug("Redis pub/sub listener lost its connection; retrying")
                 await asyncio.sleep(1.0)
             finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                if pubsub is not None:
+                    with contextlib.suppress(Exception):
+                        await pubsub.aclose()
 
 
 def _ignore_failure(done: asyncio.Future[Any]) -> None:

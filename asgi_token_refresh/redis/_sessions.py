@@ -26,7 +26,8 @@ _STORE_RETRY_AFTER = 2.0  # seconds a browser waits before it asks again while R
 class RedisSessionBackend:
     """Token sets by session id in Redis hashes: sealed at rest, under a keyed hash of the
     session id (reading Redis yields neither tokens nor usable session ids), compare-and-set
-    on the generation in one Lua round trip."""
+    on the generation in one Lua round trip. ``cluster=True``: a Redis Cluster, as for
+    :class:`RedisSessionStore`."""
 
     def __init__(
         self,
@@ -36,6 +37,7 @@ class RedisSessionBackend:
         prefix: str = "atr",
         timeout: float = 1.0,
         redis_options: Mapping[str, Any] | None = None,
+        cluster: bool = False,
     ) -> None:
         if not (math.isfinite(timeout) and timeout > 0):
             raise ConfigurationError("timeout must be a positive number of seconds")
@@ -43,9 +45,10 @@ class RedisSessionBackend:
         self.timeout = timeout
         self._sealer = Sealer(secret_keys, purpose="atr-session-v1", extra="redis")
         # A request waits at most ``timeout`` for Redis: to connect, for an answer, and for a
-        # free connection of the pool (redis-py's own default there is 20 s).
+        # free connection of the pool (redis-py's own default there is 20 s). With a cluster,
+        # ``timeout`` bounds each command whole, the cluster client's retries included.
         bounded = {"socket_timeout": timeout, "socket_connect_timeout": timeout, "timeout": timeout}
-        self._redis = RedisConnection(url, {**bounded, **(redis_options or {})})
+        self._redis = RedisConnection(url, {**bounded, **(redis_options or {})}, cluster=cluster)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:session:{self._sealer.name('session', session_id)}"
@@ -108,6 +111,11 @@ class RedisSessionStore(BackendSessionStore):
     A value of another type or that does not authenticate is no session. If Redis does not
     answer within ``timeout`` seconds (unreachable, frozen, failing), the request gets a 503
     with ``Retry-After`` and the session is kept.
+
+    ``cluster=True`` talks to a Redis Cluster (``url`` names any one node): each session is one
+    key, so sessions spread over the nodes' slots. ``redis_options`` go to
+    ``redis.asyncio.RedisCluster`` then, except ``max_connections`` (default 50 per process),
+    which bounds this process's commands in flight, as ``BlockingConnectionPool`` does.
     """
 
     def __init__(
@@ -118,6 +126,7 @@ class RedisSessionStore(BackendSessionStore):
         prefix: str = "atr",
         timeout: float = 1.0,
         redis_options: Mapping[str, Any] | None = None,
+        cluster: bool = False,
         **cookie: Unpack[SessionCookie],
     ) -> None:
         self._redis_backend = RedisSessionBackend(
@@ -126,6 +135,7 @@ class RedisSessionStore(BackendSessionStore):
             prefix=prefix,
             timeout=timeout,
             redis_options=redis_options,
+            cluster=cluster,
         )
         super().__init__(self._redis_backend, **cookie)
         self.prefix = prefix
