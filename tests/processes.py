@@ -1,5 +1,5 @@
-"""Processes for the tests and the benchmarks: free loopback ports, and redis-server, uvicorn and
-Prometheus started on them.
+"""Processes for the tests and the benchmarks: free loopback ports, and redis-server (alone or
+as a cluster), uvicorn and Prometheus started on them.
 
 Every process is stopped by its PID: SIGTERM, then SIGKILL after a bounded wait, whatever
 happened to the test or benchmark that started it, since a server left running holds its port
@@ -8,7 +8,8 @@ reaches only the script (whose ``finally`` stops them in order), and a stop can 
 the process group, the workers a server forked (``uvicorn --workers``).
 
 A test that needs a binary fails (never skips) when it is missing: ``scripts/system-deps``
-(Debian's ``redis-server`` and ``prometheus``) installs them, and ``scripts/test`` runs it first.
+(Debian's ``redis-server``, which brings ``redis-cli``, and ``prometheus``) installs them, and
+``scripts/test`` runs it first.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -153,10 +155,12 @@ def wait_until(
 
 @dataclass
 class RedisServer:
-    """A redis-server of our own on a free loopback port, without persistence."""
+    """A redis-server of our own on a free loopback port, without persistence; ``options``
+    are its extra command-line options (a cluster node's), kept for :meth:`start`."""
 
     port: int
     process: subprocess.Popen[bytes]
+    options: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -178,12 +182,12 @@ class RedisServer:
 
     def start(self) -> None:
         """(Re)start on the same port, after :meth:`stop`."""
-        self.process = _spawn_redis(self.port)
+        self.process = _spawn_redis(self.port, self.options)
 
 
-def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
+def _spawn_redis(port: int, options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     command = [require("redis-server"), "--port", str(port), "--bind", HOST]
-    command += ["--save", "", "--appendonly", "no"]
+    command += ["--save", "", "--appendonly", "no", *options]
     process = spawn(command, log=Path(os.devnull))  # its start-up banner is noise
 
     def pong() -> bool:
@@ -206,6 +210,87 @@ def running_redis() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class RedisCluster:
+    """A Redis Cluster of our own: primaries on loopback, no replicas, no persistence."""
+
+    nodes: list[RedisServer]
+
+    @property
+    def url(self) -> str:
+        """One node's URL: a cluster client finds the others from it."""
+        return self.nodes[0].url
+
+    def stop(self) -> None:
+        stop(*(node.process for node in self.nodes))
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """``count`` free ports whose cluster-bus ports (port + 10000, Redis' rule; ``cluster-port``
+    only came in Redis 7) are free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        taken = {*ports, *(port + 10000 for port in ports)}
+        port = free_port(avoid=taken)
+        bus = port + 10000
+        if bus > 65535 or bus in taken:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((HOST, bus))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+@contextlib.contextmanager
+def running_redis_cluster(size: int = 3) -> Iterator[RedisCluster]:
+    """A ``size``-node Redis Cluster for the ``with`` block (``redis-cli --cluster create``),
+    its slots spread over the nodes and ``cluster_state:ok`` on every node when this yields."""
+    cli = require("redis-cli")
+    cluster = RedisCluster([])
+    with tempfile.TemporaryDirectory(prefix="atr-redis-cluster-") as directory:
+        try:
+            for port in _cluster_ports(size):
+                config = f"{directory}/nodes-{port}.conf"
+                options = ("--cluster-enabled", "yes", "--cluster-config-file", config)
+                cluster.nodes.append(RedisServer(port, _spawn_redis(port, options), options))
+            command = [cli, "--cluster", "create"]
+            command += [f"{HOST}:{node.port}" for node in cluster.nodes]
+            command += ["--cluster-replicas", "0", "--cluster-yes"]
+            created = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=STARTUP_TIMEOUT,
+            )
+            if created.returncode != 0:
+                output = created.stdout + created.stderr
+                raise RuntimeError(f"redis-cli --cluster create failed:\n{output}")
+            _wait_for_cluster(cluster)
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+def _wait_for_cluster(cluster: RedisCluster) -> None:
+    """Until every node says the cluster is up and knows all the others (pub/sub messages
+    travel between nodes over the cluster bus)."""
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    wanted = {"cluster_state": "ok", "cluster_known_nodes": str(len(cluster.nodes))}
+    info: dict[str, str] = {}
+    for node in cluster.nodes:
+        while True:
+            lines = node.cli("CLUSTER", "INFO").splitlines()
+            info = dict(line.strip().partition(":")[::2] for line in lines if ":" in line)
+            if all(info.get(key) == value for key, value in wanted.items()):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Redis Cluster node {node.port} is not ready: {info}")
+            time.sleep(0.02)
 
 
 # -- uvicorn --------------------------------------------------------------------------------------

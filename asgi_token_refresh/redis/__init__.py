@@ -1,9 +1,10 @@
 """Redis: one flight per grant across workers and hosts, and server-side sessions.
 
-Needs the ``redis`` extra (redis-py asyncio; Redis 6/7 and Valkey). Keys carry a hash tag, so a
-grant's lock and result live in one Cluster slot; values are sealed with the app's secret keys
-(AES-GCM), so Redis never holds a plaintext token. Each event loop gets its own connection pool
-(``PerLoop``); in a server that is one pool per process.
+Needs the ``redis`` extra (redis-py asyncio; Redis 6/7 and Valkey). ``cluster=True`` talks to a
+Redis Cluster: keys carry a hash tag, so a grant's lock and result live in one slot (one node
+runs each script), and pub/sub messages reach every node. Values are sealed with the app's
+secret keys (AES-GCM), so Redis never holds a plaintext token. Each event loop gets its own
+connection pool (``PerLoop``); in a server that is one pool per process.
 
 Round trips per flight: the leader makes two (claim, publish); a follower makes one claim, is
 woken by pub/sub (polling is the fallback) and makes one lookup. The fresh path makes none.

@@ -151,7 +151,7 @@ class ClusterClient:
     async def _run(self, command: Callable[..., Awaitable[Any]], *args: Any) -> Any:
         import redis.exceptions
 
-        deadline = asyncio.timeout(None)
+        deadline = asyncio.timeout(self.timeout)
         try:
             async with deadline, self._turns:
                 return await command(*args)

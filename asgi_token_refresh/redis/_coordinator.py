@@ -224,7 +224,7 @@ class RedisCoordinator:
         while True:
             pubsub = None
             try:
-                pubsub = await self._redis.subscribe(self.channel + "x")
+                pubsub = await self._redis.subscribe(self.channel)
                 async for message in pubsub.listen():
                     if message.get("type") == "subscribe":  # the server confirmed it
                         state.subscribed.set()
