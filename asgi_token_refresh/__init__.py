@@ -10,6 +10,7 @@ from ._cookie_store import CookieSessionStore
 from ._coordination import Coordinator, Lease, LocalCoordinator
 from ._errors import (
     ConfigurationError,
+    LoginFailed,
     ReauthenticationRequired,
     RefreshUnavailable,
     TokenEndpointError,
@@ -18,6 +19,7 @@ from ._errors import (
 from ._file_coordinator import FileCoordinator
 from ._httpx import MachineTokens, SessionTokens, SyncTokens, TokenAuth, TokenSource
 from ._keys import TokenParams
+from ._login import OIDCLogin
 from ._memory_store import MemorySessionStore
 from ._middleware import TokenRefreshMiddleware
 from ._oauth import OAuth2Client
@@ -38,9 +40,11 @@ __all__ = [
     "FileCoordinator",
     "Lease",
     "LocalCoordinator",
+    "LoginFailed",
     "MachineTokens",
     "MemorySessionStore",
     "OAuth2Client",
+    "OIDCLogin",
     "ProviderMetadata",
     "ReauthenticationRequired",
     "RefreshUnavailable",

@@ -130,6 +130,12 @@ class TokenAccessor:
         """The session's current token set (possibly refreshed by this request), or ``None``."""
         return self._token_set if self._loaded else await self._load()
 
+    async def claims(self) -> dict[str, Any] | None:
+        """The ID token's claims as verified at login (``sub``, ``email``...), or ``None``
+        without a session or for a session that did not log in through OIDC."""
+        token_set = self._token_set if self._loaded else await self._load()
+        return None if token_set is None or token_set.claims is None else dict(token_set.claims)
+
     async def is_authenticated(self) -> bool:
         """Whether the request carries a session with tokens (fresh or refreshable)."""
         return (self._token_set if self._loaded else await self._load()) is not None

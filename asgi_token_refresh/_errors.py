@@ -11,6 +11,7 @@ from typing import Any
 
 __all__ = [
     "ConfigurationError",
+    "LoginFailed",
     "ReauthenticationRequired",
     "RefreshUnavailable",
     "TokenEndpointError",
@@ -84,6 +85,18 @@ class ReauthenticationRequired(TokenRefreshError):
         super().__init__(
             f"reauthentication required: {reason}" + (f" ({detail})" if detail else "")
         )
+
+
+class LoginFailed(TokenRefreshError):
+    """A login could not be completed: the callback was refused, or its ID token was not valid.
+
+    ``reason`` is a plain sentence for the user (the login routes answer it with a 400); it
+    never contains a token, a code or a secret.
+    """
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"login failed: {reason}")
 
 
 class RefreshUnavailable(TokenRefreshError):

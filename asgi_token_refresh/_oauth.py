@@ -8,6 +8,7 @@ used from any loop or thread. Caching and single-flight live in ``_refresher``.
 
 from __future__ import annotations
 
+import json
 import math
 import secrets
 from collections.abc import Mapping
@@ -18,9 +19,10 @@ import httpx
 
 from ._clock import SYSTEM_CLOCK, Clock
 from ._discovery import Discovery
-from ._errors import ConfigurationError, TokenEndpointError
+from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
 from ._oauth_messages import (
     AUTH_METHODS,
+    DEFAULT_RETRY_AFTER,
     AuthorizationRequest,
     ClientAuthMethod,
     ProviderMetadata,
@@ -262,6 +264,21 @@ class OAuth2Client:
         """Revoke a token (RFC 7009). ``False`` if the provider publishes no revocation
         endpoint (neither in OIDC discovery nor in RFC 8414 metadata, nor given)."""
         return await self._revoke(token, token_type_hint)
+
+    async def jwks(self) -> Any:
+        """The provider's JSON Web Key Set (``jwks_uri``), fetched now (callers cache it)."""
+        metadata = await self.metadata()
+        if metadata.jwks_uri is None:
+            raise ConfigurationError(
+                "the provider publishes no jwks_uri: pass OAuth2Client(jwks_uri=...) to verify "
+                "ID tokens"
+            )
+        status, _, body = await self._http.send("GET", metadata.jwks_uri)
+        if status != 200:
+            raise RefreshUnavailable(
+                "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=f"JWKS HTTP {status}"
+            )
+        return json.loads(body)
 
     async def aclose(self) -> None:
         """Close the running loop's pool (not an ``http_client`` that was passed in)."""

@@ -44,6 +44,9 @@ class TokenSet:
     token_type: str = "Bearer"
     scope: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    #: The ID token's claims, as verified at login (signature, issuer, audience, expiry,
+    #: nonce); kept through refreshes. ``None`` for sessions that did not log in through OIDC.
+    claims: Mapping[str, Any] | None = field(default=None, hash=False)
     # Cache of jitter_fraction (-1: not computed yet); not part of the value.
     _jitter: float = field(default=-1.0, init=False, repr=False, compare=False, hash=False)
 
@@ -103,10 +106,12 @@ class TokenSet:
         token_type = _optional_str(payload, "token_type") or "Bearer"
         if token_type.lower() == "bearer":
             token_type = "Bearer"
+        claims = None
         if previous is not None:
             refresh_token = refresh_token or previous.refresh_token
             id_token = id_token or previous.id_token
             scope = scope or previous.scope
+            claims = previous.claims
         return cls(
             access_token=access_token,
             refresh_token=refresh_token,
@@ -116,6 +121,7 @@ class TokenSet:
             issued_at=issued_at,
             scope=scope,
             extra={k: v for k, v in payload.items() if k not in _KNOWN_FIELDS},
+            claims=claims,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,6 +138,8 @@ class TokenSet:
                 data[name] = value
         if self.extra:
             data["extra"] = dict(self.extra)
+        if self.claims is not None:
+            data["claims"] = dict(self.claims)
         return data
 
     @classmethod
@@ -144,11 +152,13 @@ class TokenSet:
         except (KeyError, TypeError, ValueError):
             raise ValueError("not a serialised TokenSet") from None
         extra = data.get("extra", {})
+        claims = data.get("claims")
         optional = [data.get(k) for k in ("refresh_token", "id_token", "scope")]
         token_type = data.get("token_type", "Bearer")
         if (
             not isinstance(access_token, str)
             or not isinstance(extra, Mapping)
+            or not (claims is None or isinstance(claims, Mapping))
             or not isinstance(token_type, str)
             or not all(v is None or isinstance(v, str) for v in optional)
             or not (math.isfinite(expires_at) and math.isfinite(issued_at))
@@ -164,6 +174,7 @@ class TokenSet:
             token_type=token_type,
             scope=scope,
             extra=dict(extra),
+            claims=None if claims is None else dict(claims),
         )
 
     def __repr__(self) -> str:
