@@ -44,9 +44,11 @@ class MemoryBackend:
         session = self.peek(session_id)
         return None if session is None else session.token_set
 
-    async def put(self, session_id: str, token_set: TokenSet, ttl: float) -> bool:
+    async def put(self, session_id: str, token_set: TokenSet, ttl: float, *, create: bool) -> bool:
         with self._lock:
             stored = self.peek(session_id)
+            if stored is None and not create:
+                return False
             if not supersedes(token_set, None if stored is None else stored.token_set):
                 return False
             self._entries.pop(session_id, None)  # re-inserted last: the newest write

@@ -111,9 +111,11 @@ class SessionBackend(Protocol):
         """The stored token set; ``None`` if absent, expired or unreadable (never an error)."""
         ...
 
-    async def put(self, session_id: str, token_set: TokenSet, ttl: float) -> bool:
+    async def put(self, session_id: str, token_set: TokenSet, ttl: float, *, create: bool) -> bool:
         """Store ``token_set`` for ``ttl`` seconds unless a later generation is stored
-        (:func:`supersedes`); ``False`` if it was not stored for that reason."""
+        (:func:`supersedes`), or, with ``create=False``, unless the session no longer exists
+        (a logged-out session never comes back through a late write). ``False`` if it was not
+        stored."""
         ...
 
     async def delete(self, session_id: str) -> None: ...
@@ -178,11 +180,13 @@ class BackendSessionStore:
         if token_set is None:
             present = self.cookie_name in cookies
             return None, [self._writer.delete(self.cookie_name)] if present else []
-        reuse = previous is not None and previous.id and not new_session
-        session_id = previous.id if reuse and previous is not None else None
-        session_id = session_id or new_session_id()
+        existing = previous.id if previous is not None and not new_session else None
+        session_id = existing or new_session_id()
         max_age = self._ttl(token_set)
-        await self.backend.put(session_id, token_set, max_age)
+        stored = await self.backend.put(session_id, token_set, max_age, create=not existing)
+        if not stored and existing and await self.backend.get(existing) is None:
+            # The session ended (logout, expiry) while this request held it: it stays ended.
+            return None, [self._writer.delete(self.cookie_name)]
         return Session(token_set, session_id), [
             self._writer.set(self.cookie_name, session_id, max_age)
         ]
@@ -192,7 +196,7 @@ class BackendSessionStore:
 
     async def persist(self, session: Session, token_set: TokenSet) -> None:
         if session.id is not None:
-            await self.backend.put(session.id, token_set, self._ttl(token_set))
+            await self.backend.put(session.id, token_set, self._ttl(token_set), create=False)
 
     def _ttl(self, token_set: TokenSet) -> float:
         return session_max_age(token_set, self.max_age)

@@ -620,7 +620,7 @@ async def test_a_tampered_session_is_a_401_never_a_500(
 # -- store faults: no session, or a 503 that keeps the session ----------------------------------
 
 
-async def test_a_key_of_another_type_is_no_session_and_is_replaced_on_write(
+async def test_a_key_of_another_type_is_no_session_and_a_late_write_does_not_revive_it(
     store: RedisSessionStore, raw: redis.Redis
 ) -> None:
     session, _ = await store.save({}, None, token_set(), new_session=True)
@@ -629,9 +629,13 @@ async def test_a_key_of_another_type_is_no_session_and_is_replaced_on_write(
     raw.delete(key)
     raw.rpush(key, b"not", b"a", b"hash")  # WRONGTYPE for every hash command
     assert await store.load({"atr_sid": session.id or ""}) is None
-    refreshed = token_set(NOW + 300)
-    await store.persist(session, refreshed)
-    assert await store.read(session) == refreshed
+    await store.persist(session, token_set(NOW + 300))  # a refresh landing late
+    assert await store.read(session) is None
+    assert session_keys(raw) == []  # the foreign value is gone, nothing put back
+    login = token_set(NOW + 600)
+    fresh, _ = await store.save({}, None, login, new_session=True)
+    assert fresh is not None
+    assert await store.read(fresh) == login  # a new login works as ever
 
 
 async def test_redis_frozen_or_down_is_a_503_that_keeps_the_session_and_nothing_is_lost(
@@ -660,3 +664,17 @@ async def test_redis_frozen_or_down_is_a_503_that_keeps_the_session_and_nothing_
         assert "set-cookie" not in down.headers  # the browser keeps its session cookie
     assert thawed.status_code == 200
     assert thawed.json() == before.json()  # the same session, its tokens intact
+
+
+async def test_a_logged_out_redis_session_never_comes_back_through_a_late_write(
+    store: RedisSessionStore, raw: redis.Redis
+) -> None:
+    session, _ = await store.save({}, None, token_set(), new_session=True)
+    assert session is not None
+    jar = {"atr_sid": session.id or ""}
+    await store.save(jar, session, None)  # logout
+    await store.persist(session, token_set(NOW + 10))  # a refresh landing late
+    again, cookies = await store.save(jar, session, token_set(NOW + 20))
+    assert again is None
+    assert cookies and "Max-Age=0" in cookies[0]
+    assert session_keys(raw) == []

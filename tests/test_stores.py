@@ -232,9 +232,11 @@ async def test_a_slower_writer_never_regresses_the_session() -> None:
 
 
 def test_concurrent_writers_leave_the_newest_generation() -> None:
-    store = MemorySessionStore()
-    session = Session(token_set(), "sid")
     import asyncio
+
+    store = MemorySessionStore()
+    session, _ = asyncio.run(store.save({}, None, token_set(), new_session=True))
+    assert session is not None
 
     def writer(offset: int) -> None:
         for generation in range(offset, 400, 4):
@@ -273,3 +275,17 @@ async def test_clearing_a_memory_session_deletes_its_cookie() -> None:
     assert headers == ["atr_sid=; Max-Age=0; Path=/; HttpOnly; Secure; SameSite=Lax"]
     assert session is not None
     assert await store.read(session) is None
+
+
+async def test_a_logged_out_memory_session_never_comes_back_through_a_late_write() -> None:
+    store = MemorySessionStore()
+    session, _ = await store.save({}, None, token_set("gen1"), new_session=True)
+    assert session is not None
+    jar = {store.cookie_name: session.id or ""}
+    await store.save(jar, session, None)  # logout
+    await store.persist(session, token_set("gen2", issued_at=NOW + 10))  # a refresh landing late
+    again, cookies = await store.save(jar, session, token_set("gen3", issued_at=NOW + 20))
+    assert again is None  # the request that still held the session writes nothing back
+    assert cookies == [f"{store.cookie_name}=; Max-Age=0; Path=/; HttpOnly; Secure; SameSite=Lax"]
+    assert await store.read(session) is None
+    assert len(store) == 0

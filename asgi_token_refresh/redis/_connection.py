@@ -57,10 +57,12 @@ if published then return {1, published} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
 return {0}
 """
-# KEYS: session. ARGV: generation, sealed token set, ttl ms. Never moves back a generation.
+# KEYS: session. ARGV: generation, sealed token set, ttl ms, create (1/0). Never moves back a
+# generation; with create=0, never brings back a session that is gone (logged out, expired).
 STORE_SESSION = """
 local kind = redis.call('TYPE', KEYS[1]).ok
-if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
+if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) kind = 'none' end
+if kind == 'none' and ARGV[4] == '0' then return 0 end
 local current = tonumber(redis.call('HGET', KEYS[1], 'generation'))
 if current and current > tonumber(ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'token_set', ARGV[2])

@@ -70,13 +70,13 @@ class RedisSessionBackend:
             logger.warning("rejected a session value in Redis that does not authenticate")
             return None
 
-    async def put(self, session_id: str, token_set: TokenSet, ttl: float) -> bool:
+    async def put(self, session_id: str, token_set: TokenSet, ttl: float, *, create: bool) -> bool:
         key = self._key(session_id)
         plaintext = json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
         sealed = self._sealer.seal(plaintext, key.encode())
         try:
             stored = await self._redis.client().eval(
-                STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl)
+                STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl), int(create)
             )
         except redis.exceptions.RedisError as exc:
             raise self._unavailable(exc) from None
