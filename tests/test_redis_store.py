@@ -676,5 +676,6 @@ async def test_a_logged_out_redis_session_never_comes_back_through_a_late_write(
     await store.persist(session, token_set(NOW + 10))  # a refresh landing late
     again, cookies = await store.save(jar, session, token_set(NOW + 20))
     assert again is None
-    assert cookies and "Max-Age=0" in cookies[0]
+    assert cookies
+    assert "Max-Age=0" in cookies[0]
     assert session_keys(raw) == []
