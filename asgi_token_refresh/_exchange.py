@@ -117,6 +117,30 @@ class Exchange:
         await self._settle(coordinator, coordinator.publish(claim, outcome[0], self._grace_ttl))
         return outcome
 
+    async def end(self, token_set: TokenSet, params: TokenParams) -> None:
+        """After logout: publish "logged out" for the session's grant, so that a process that
+        still holds its refresh token takes that answer instead of refreshing it."""
+        assert token_set.refresh_token is not None
+        coordinator = self.coordinator
+        if coordinator is _LOCAL or self._down_until > self._clock.monotonic():
+            return
+        key = coordinator.grant_key(
+            self.client.provider_url,
+            self.client.client_id,
+            token_set.refresh_token,
+            params.scope,
+            params.resource,
+            params.audience,
+        )
+        try:
+            claim = await coordinator.try_lead(key, self._lease_ttl)
+        except Exception as exc:
+            self._failed(coordinator, exc)
+            return
+        if isinstance(claim, Lease):  # (else another process is at it: its outcome stands)
+            logged_out = ReauthenticationRequired("no_session", "logged out")
+            await self._settle(coordinator, coordinator.publish(claim, logged_out, self._grace_ttl))
+
     async def _claim(self, coordinator: Coordinator, key: str) -> Lease | Published:
         while True:  # bounded by the flight's timeout
             claim = await coordinator.try_lead(key, self._lease_ttl)

@@ -275,8 +275,11 @@ class Refresher:
         refused, a refresh in flight hands its tokens to nobody, and the grant is revoked at
         the provider (RFC 7009) when it publishes a revocation endpoint."""
         if token_set.refresh_token is not None:
+            with self._flights.lock:
+                _, newest, _ = self._caches.lookup(token_set, NO_PARAMS)
             self.forget(token_set)
-            await self._pilot.revoke_at_logout(token_set.refresh_token, revoke=revoke)
+            await self._exchange.end(newest, NO_PARAMS)  # and for the other processes
+            await self._pilot.revoke_at_logout(newest.refresh_token or "", revoke=revoke)
 
     # -- boarding -------------------------------------------------------------------------------
 
