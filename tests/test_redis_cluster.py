@@ -6,12 +6,14 @@ pub/sub from whichever node published."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+import redis.asyncio
 
 from asgi_token_refresh import Lease, RefreshUnavailable, Session, TokenSet
 from asgi_token_refresh.redis import RedisCoordinator, RedisSessionStore
@@ -255,3 +257,46 @@ async def test_followers_are_woken_by_pub_sub_whichever_node_holds_the_grant(
     finally:
         await leader.aclose()
         await follower.aclose()
+
+
+async def test_with_a_redis_py_without_cluster_pub_sub_followers_poll_quietly(
+    cluster: RedisCluster,
+    idp: FakeIdP,
+    clock: FakeClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """redis-py's asyncio cluster client has pub/sub from 8.0 on; before, followers poll
+    every ``poll_interval``: said once, at INFO, and nothing else (no listener retrying)."""
+    monkeypatch.delattr(redis.asyncio.RedisCluster, "pubsub")
+    caplog.set_level(logging.DEBUG, logger="asgi_token_refresh")
+    processes = Processes(
+        idp,
+        clock,
+        lambda: RedisCoordinator(
+            cluster.url, secret_keys=[SECRET], poll_interval=0.02, cluster=True
+        ),
+    )
+    try:
+        a, b = processes.new(), processes.new()
+        session = login(idp, clock)
+        clock.advance(EXPIRED)
+        on_a, on_b = await storm_on_two(idp, a, b, session)
+        assert len({r.access_token for r in on_a + on_b if isinstance(r, TokenSet)}) == 1
+        assert len(on_a + on_b) == 100
+        assert idp.token_calls("refresh_token") == 1
+        assert b.telemetry.value(TOKEN_REQUESTS, dedupe="distributed") == 1
+        assert a.telemetry.value(COORDINATOR_ERRORS) == b.telemetry.value(COORDINATOR_ERRORS) == 0
+    finally:
+        await processes.aclose()
+    said = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert (
+        said
+        == [
+            (
+                logging.INFO,
+                "redis-py has no pub/sub for Redis Cluster before 8.0: followers poll every 0.02 s",
+            )
+        ]
+        * 2
+    )

@@ -52,7 +52,8 @@ class RedisCoordinator:
     ``cluster=True`` talks to a Redis Cluster (``url`` names any one node): a grant's lease
     and result share a hash tag, so each step runs on the node holding the grant's slot, and
     followers are woken through the cluster-wide pub/sub channel (polling remains the
-    fallback). ``redis_options`` go to ``redis.asyncio.RedisCluster`` then, except
+    fallback, and is all there is with a redis-py older than 8.0, whose asyncio cluster client
+    has no pub/sub). ``redis_options`` go to ``redis.asyncio.RedisCluster`` then, except
     ``max_connections`` and ``timeout``, which bound this process's commands as a
     ``BlockingConnectionPool`` does for one server.
     """
@@ -73,6 +74,13 @@ class RedisCoordinator:
             raise ConfigurationError("poll_interval must be a positive number of seconds")
         self._sealer = Sealer(secret_keys, purpose="atr-redis-v1", extra="redis")
         self._redis = RedisConnection(url, redis_options or {}, cluster=cluster)
+        # Whether followers can be woken; if not, they poll every poll_interval.
+        self._pub_sub = not cluster or _cluster_pub_sub()
+        if not self._pub_sub:
+            logger.info(
+                "redis-py has no pub/sub for Redis Cluster before 8.0: followers poll every %g s",
+                poll_interval,
+            )
         self.prefix = prefix
         self.channel = f"{prefix}:published"
         self.poll_interval = poll_interval
@@ -210,6 +218,8 @@ class RedisCoordinator:
     async def _listening(self) -> None:
         """Start the pub/sub listener if needed. The first flight of a process waits (up to a
         poll interval) for its subscription, so that it is woken rather than left to poll."""
+        if not self._pub_sub:
+            return
         state = self._state
         if state.listener is None or state.listener.done():
             state.subscribed = asyncio.Event()
@@ -244,6 +254,13 @@ class RedisCoordinator:
                 if pubsub is not None:
                     with contextlib.suppress(Exception):
                         await pubsub.aclose()
+
+
+def _cluster_pub_sub() -> bool:
+    """Whether redis-py's asyncio cluster client has pub/sub (it came in redis-py 8.0)."""
+    import redis.asyncio
+
+    return hasattr(redis.asyncio.RedisCluster, "pubsub")
 
 
 def _ignore_failure(done: asyncio.Future[Any]) -> None:
