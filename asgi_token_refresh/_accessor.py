@@ -17,12 +17,18 @@ from typing import Any, cast
 import httpx
 
 from ._cookies import parse_cookie_header
-from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
-from ._httpx import shared_client
+from ._errors import (
+    ConfigurationError,
+    LoginFailed,
+    ReauthenticationRequired,
+    RefreshUnavailable,
+    TokenEndpointError,
+)
+from ._httpx import TokenAuth, shared_client
 from ._keys import TokenParams
 from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._refresher import Refresher
-from ._sessions import ServerSideStore, Session, SessionStore
+from ._sessions import ServerSideStore, Session, SessionStore, SizeLimitedStore
 from ._single_flight import run_blocking
 from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, terminal_type
 from ._tokens import TokenSet
@@ -256,7 +262,8 @@ class TokenAccessor:
     # -- login and logout --------------------------------------------------------------------
 
     async def login(self, tokens: TokenSet | Mapping[str, Any] | bytes) -> TokenSet:
-        """Start a session with ``tokens``: a TokenSet, or a token-endpoint response body."""
+        """Start a session with ``tokens``: a TokenSet, or a token-endpoint response body.
+        :class:`LoginFailed` if the store cannot hold them (too large for cookies)."""
         if self._committed:
             raise RuntimeError("login() after the response started cannot set the session")
         if not isinstance(tokens, TokenSet):
@@ -265,6 +272,11 @@ class TokenAccessor:
                 tokens,
                 issued_at=client.clock.time(),
                 default_lifetime=client.default_token_lifetime,
+            )
+        if isinstance(self._store, SizeLimitedStore) and not self._store.fits(tokens):
+            raise LoginFailed(
+                "the provider's tokens are too large to keep in cookies; "
+                "use a server-side session store (MemorySessionStore, RedisSessionStore)"
             )
         await self._load()
         self._token_set = tokens
@@ -350,3 +362,20 @@ class SyncTokenAccessor:
 
     def renew(self, failed_access_token: str | None = None) -> str:
         return run_blocking(self._accessor.renew(failed_access_token))
+
+    def claims(self) -> dict[str, Any] | None:
+        return run_blocking(self._accessor.claims())
+
+    def login(self, tokens: TokenSet | Mapping[str, Any] | bytes) -> TokenSet:
+        return run_blocking(self._accessor.login(tokens))
+
+    def logout(self, *, revoke: bool = True) -> None:
+        run_blocking(self._accessor.logout(revoke=revoke))
+
+    def client(self, **options: Any) -> httpx.Client:
+        """A new ``httpx.Client`` for this request: bearer injected, one 401 → one
+        compare-and-refresh → one retry. ``options`` go to ``httpx.Client``."""
+        if "auth" in options:
+            raise ConfigurationError("the client authenticates with the session's tokens")
+        auth = TokenAuth(self, telemetry=self.telemetry, on_failure=self._accessor.record_failure)
+        return httpx.Client(auth=auth, **options)

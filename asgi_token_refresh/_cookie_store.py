@@ -30,6 +30,8 @@ __all__ = ["CookieSessionStore"]
 
 logger = logging.getLogger(__name__)
 
+_MAX_CHUNKS = 16  # cookies per session; browsers keep ~50 per site, 4 KB each
+
 
 class CookieSessionStore:
     """The token set in the browser: AES-GCM encrypted and authenticated, chunked when large.
@@ -101,7 +103,9 @@ class CookieSessionStore:
             return None
         try:
             version, count, first = head.split(".", 2)
-            if version != self._VERSION or not count.isdigit() or not 1 <= int(count) <= 16:
+            if version != self._VERSION or not count.isdigit():
+                raise ValueError("bad header")
+            if not 1 <= int(count) <= _MAX_CHUNKS:
                 raise ValueError("bad header")
             parts = [first] + [cookies[f"{self.cookie_name}.{i}"] for i in range(1, int(count))]
             return Session(self._decrypt("".join(parts)))
@@ -110,6 +114,10 @@ class CookieSessionStore:
                 self._rejected += 1
             logger.info("rejected an unreadable session cookie")
             return None
+
+    def fits(self, token_set: TokenSet) -> bool:
+        """Whether ``token_set`` fits in the cookies (a login that does not is refused)."""
+        return len(self._encrypt(token_set)) <= _MAX_CHUNKS * self._chunk_size
 
     async def save(
         self,
@@ -126,8 +134,8 @@ class CookieSessionStore:
         blob = self._encrypt(token_set)
         size = self._chunk_size
         chunks = [blob[i : i + size] for i in range(0, len(blob), size)]
-        if len(chunks) > 16:
-            raise ValueError("token set too large for 16 cookies")
+        if len(chunks) > _MAX_CHUNKS:
+            raise ValueError(f"token set too large for {_MAX_CHUNKS} cookies")
         max_age = session_max_age(token_set, self._writer.max_age)
         headers = [
             self._writer.set(

@@ -196,7 +196,12 @@ class OIDCLogin:
         except RefreshUnavailable as exc:
             await _unavailable(send, exc, consumed)
             return
-        await accessor.login(tokens)
+        try:
+            await accessor.login(tokens)
+        except LoginFailed as exc:  # the store cannot hold them
+            logger.warning("login refused: %s", exc.reason)
+            await _text(send, 400, f"Login failed: {exc.reason}.", cookies=consumed)
+            return
         await _redirect(send, pending["next"], consumed)
 
     def _open_pending(self, scope: Scope, name: str, state: str) -> dict[str, Any] | None:

@@ -8,6 +8,7 @@ Pure ASGI, in the manner of Starlette's own middleware: ``__init__`` validates a
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 from ._accessor import TokenAccessor
 from ._errors import (
     ConfigurationError,
+    LoginFailed,
     ReauthenticationRequired,
     RefreshUnavailable,
     TokenRefreshError,
@@ -28,6 +30,8 @@ from ._refresher import Refresher
 from ._sessions import ServerSideStore, SessionStore
 
 __all__ = ["TokenRefreshMiddleware"]
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -84,6 +88,7 @@ class TokenRefreshMiddleware:
         self.refresher = refresher
         self.store = store
         self._server_side = isinstance(store, ServerSideStore)
+        self._warned_insecure = False  # said once per middleware, not per response
         self.state_key = state_key
         self._redirect: str | None = None
         self._raise = on_terminal == "raise"
@@ -131,6 +136,8 @@ class TokenRefreshMiddleware:
                     await self._answer_unavailable(scope, exc, send)
                     return
                 if cookies:
+                    if scope.get("scheme") == "http" and not self._warned_insecure:
+                        self._warn_if_secure_over_http(cookies)
                     headers = list(message.get("headers", ()))
                     headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
                     message = {**message, "headers": headers}
@@ -156,12 +163,26 @@ class TokenRefreshMiddleware:
 
         try:
             await self.app(scope, receive, send_with_session)
+        except LoginFailed as exc:  # accessor.login() refused the tokens: a clear 400
+            if started or scope["type"] != "http":
+                raise
+            body = f"Login failed: {exc.reason}.".encode()
+            await _respond(send, 400, body, [], b"text/plain; charset=utf-8")
         except (ReauthenticationRequired, RefreshUnavailable) as exc:
             if answered:  # already answered for it; Starlette's error middleware re-raises
                 return
             if started or not self._answers(exc):
                 raise
             await self._answer(scope, exc, emit)
+
+    def _warn_if_secure_over_http(self, cookies: list[str]) -> None:
+        if any("; Secure" in cookie and "Max-Age=0" not in cookie for cookie in cookies):
+            self._warned_insecure = True
+            logger.warning(
+                "session cookies are Secure but this request came over plain http: browsers "
+                "and HTTP clients drop them, so every login is lost. Serve https, or pass "
+                "secure=False to the session store for local development"
+            )
 
     def _answers(self, failure: TokenRefreshError | None) -> bool:
         """Whether the middleware answers for ``failure`` (not when the app asked to handle
@@ -220,10 +241,14 @@ def _json(body: dict[str, str]) -> bytes:
 
 
 async def _respond(
-    send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    content_type: bytes = b"application/json",
 ) -> None:
     if body:
-        headers = [*headers, (b"content-type", b"application/json")]
+        headers = [*headers, (b"content-type", content_type)]
     headers.append((b"content-length", str(len(body)).encode()))
     headers.append((b"cache-control", b"no-store"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -35,6 +35,7 @@ __all__ = [
     "SessionBackend",
     "SessionCookie",
     "SessionStore",
+    "SizeLimitedStore",
     "new_session_id",
     "supersedes",
 ]
@@ -99,6 +100,15 @@ class ServerSideStore(SessionStore, Protocol):
 
     async def persist(self, session: Session, token_set: TokenSet) -> None:
         """Save a refreshed token set for ``session`` (compare-and-set on the generation)."""
+        ...
+
+
+@runtime_checkable
+class SizeLimitedStore(Protocol):
+    """A store that cannot hold every token set (cookies are limited in number and size)."""
+
+    def fits(self, token_set: TokenSet) -> bool:
+        """Whether ``token_set`` can be stored; a login that would not fit is refused."""
         ...
 
 

@@ -45,6 +45,7 @@ from ._sessions import (
     SessionBackend,
     SessionCookie,
     SessionStore,
+    SizeLimitedStore,
     new_session_id,
     supersedes,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "SessionBackend",
     "SessionCookie",
     "SessionStore",
+    "SizeLimitedStore",
     "decode_outcome",
     "encode_outcome",
     "new_session_id",

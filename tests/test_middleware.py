@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
@@ -727,3 +728,76 @@ async def test_a_refresh_the_provider_answered_before_logout_never_brings_the_se
     assert replayed.status_code == 401
     assert len(memory) == 0
     assert idp.calls("revoke") == 2  # the session's grant at logout, the orphaned tokens after
+
+
+# -- login edges --------------------------------------------------------------------------------
+
+
+async def test_tokens_too_large_for_cookies_are_refused_at_login_not_at_write_back(
+    idp: FakeIdP, refresher: Refresher, clock: FakeClock
+) -> None:
+    huge = TokenSet("a" * 80_000, clock.time() + 300, clock.time(), "r" * 40)
+
+    async def login(request: Request) -> PlainTextResponse:
+        await request.state.token.login(huge)
+        return PlainTextResponse("welcome")
+
+    store = CookieSessionStore(["k" * 32])
+    app = Starlette(
+        routes=[Route("/login", login)],
+        middleware=[Middleware(TokenRefreshMiddleware, refresher=refresher, store=store)],
+    )
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=True)
+    async with httpx.AsyncClient(transport=transport, base_url=APP) as client:
+        response = await client.get("/login")
+    assert response.status_code == 400
+    assert "too large to keep in cookies" in response.text
+    assert "set-cookie" not in response.headers
+
+
+async def test_secure_cookies_over_plain_http_are_called_out_once(
+    make_app: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    transport = httpx.ASGITransport(app=make_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://app.test") as client:
+        for _ in range(3):  # the stores set Secure cookies, the client drops them
+            await client.get("/login")
+    assert caplog.text.count("came over plain http") == 1
+
+
+def test_the_sync_accessor_logs_in_reads_claims_and_logs_out(
+    idp: FakeIdP, refresher: Refresher, clock: FakeClock
+) -> None:
+    def login(request: Request) -> PlainTextResponse:
+        request.state.token.sync.login(idp.issue("alice"))
+        return PlainTextResponse("welcome")
+
+    seen: list[str] = []
+
+    def api(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return httpx.Response(200)
+
+    def me(request: Request) -> JSONResponse:
+        token = request.state.token.sync
+        with token.client(base_url="https://api.test", transport=httpx.MockTransport(api)) as c:
+            status = c.get("/orders").status_code
+        return JSONResponse({"claims": token.claims(), "api": status})
+
+    def logout(request: Request) -> PlainTextResponse:
+        request.state.token.sync.logout()
+        return PlainTextResponse("bye")
+
+    store = MemorySessionStore(secure=False, clock=clock)
+    app = Starlette(
+        routes=[Route("/login", login), Route("/me", me), Route("/logout", logout)],
+        middleware=[Middleware(TokenRefreshMiddleware, refresher=refresher, store=store)],
+    )
+    with TestClient(app, base_url="http://app.test") as browser_:
+        browser_.get("/login")
+        assert browser_.get("/me").json() == {"claims": None, "api": 200}
+        browser_.get("/logout")
+        assert len(store) == 0
+    assert idp.calls("revoke") == 1
+    assert [header.split()[0] for header in seen] == ["Bearer"]

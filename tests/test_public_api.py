@@ -92,6 +92,7 @@ def test_the_extension_kit_is_pinned() -> None:
         "SessionBackend",
         "SessionCookie",
         "SessionStore",
+        "SizeLimitedStore",
         "decode_outcome",
         "encode_outcome",
         "new_session_id",
