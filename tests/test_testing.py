@@ -6,7 +6,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import hmac
 import json
 import secrets
 import threading
@@ -81,12 +80,6 @@ def jwt_parts(token: str) -> tuple[dict[str, Any], dict[str, Any], str]:
 
     header, payload, signature = token.split(".")
     return decode(header), decode(payload), signature
-
-
-def hs256_valid(token: str, secret: str) -> bool:
-    signing_input, _, signature = token.rpartition(".")
-    expected = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(expected).rstrip(b"=").decode() == signature
 
 
 # -- FakeClock -------------------------------------------------------------------------------
@@ -187,8 +180,7 @@ def test_authorization_code_flow_with_pkce_yields_tokens_and_a_signed_id_token()
     assert body["scope"] == "openid offline_access"
     assert body["refresh_token"]
     header, claims, _ = jwt_parts(body["id_token"])
-    assert header["alg"] == "HS256"
-    assert hs256_valid(body["id_token"], "app-secret")
+    assert header["alg"] == "RS256"  # verified against the JWKS in test_testing_oidc.py
     assert claims["iss"] == ISSUER
     assert (claims["sub"], claims["aud"], claims["nonce"]) == ("bob", "app", "n-0S6")
     assert claims["exp"] - claims["iat"] == 300
@@ -242,7 +234,7 @@ def test_a_verifier_is_refused_when_the_authorization_request_had_no_challenge()
     assert run_with(FakeIdP(), test) == "invalid_grant"
 
 
-def test_public_clients_must_use_pkce_and_get_an_unsigned_id_token() -> None:
+def test_public_clients_must_use_pkce_and_get_a_signed_id_token_too() -> None:
     idp = FakeIdP(clients={"spa": None})
     verifier, challenge = pkce_pair()
 
@@ -276,7 +268,8 @@ def test_public_clients_must_use_pkce_and_get_an_unsigned_id_token() -> None:
 
     body = run_with(idp, test)
     header, claims, signature = jwt_parts(body["id_token"])
-    assert (header["alg"], signature, claims["aud"]) == ("none", "", "spa")
+    assert (header["alg"], claims["aud"]) == ("RS256", "spa")
+    assert signature
     assert "refresh_token" not in body  # no prompt=consent, so no offline_access
 
 

@@ -5,13 +5,21 @@ refresh storms: rotating refresh tokens, reuse detection that revokes the whole 
 Okta-style grace periods and Keycloak-style reuse counts, scripted failures (:class:`Fault`) and
 a gate that parks token requests so tests can line up concurrency without sleeping.
 
-Use it in-process through :meth:`FakeIdP.transport`, or over real sockets with :func:`serve`.
-Only the standard library and httpx are needed; :func:`serve` also needs uvicorn, and
-:func:`capture_telemetry` needs ``opentelemetry-sdk``.
+It is an OpenID Provider too: ID tokens signed with real RS256 or ES256 keys published as a
+JWK Set, key rotation, deliberately bad ID tokens for the relying party's checks
+(:meth:`FakeIdP.tamper_next_id_token`), an ``end_session_endpoint``, and RFC 8414 metadata
+beside OIDC discovery.
 
-Layout: ``_clock`` (FakeClock), ``_faults`` (Fault, Gate), ``_grants`` (the provider's tokens
-and the rules for issuing them), ``_fake_idp`` (the ASGI app and its endpoints), ``_http``
-(ASGI plumbing), ``_server`` (serve) and ``_telemetry`` (in-memory spans and metrics).
+Use it in-process through :meth:`FakeIdP.transport`, or over real sockets with :func:`serve`.
+Only the standard library and httpx are needed until an ID token, the JWKS or a logout needs
+a key: that takes ``cryptography`` and PyJWT (the ``oidc`` extra). :func:`serve` also needs
+uvicorn, and :func:`capture_telemetry` needs ``opentelemetry-sdk``.
+
+Layout: ``_clock`` (FakeClock), ``_faults`` (Fault, Gate), ``_grants`` (the provider's tokens,
+sessions and the rules for issuing them), ``_keys`` (signing keys, JWKS, tampered tokens),
+``_fake_idp`` (the ASGI app, ``/authorize`` and ``/token``), ``_endpoints`` (metadata, JWKS,
+userinfo, revocation, logout), ``_http`` (ASGI plumbing and client authentication),
+``_server`` (serve) and ``_telemetry`` (in-memory spans and metrics).
 """
 
 from ._clock import FakeClock

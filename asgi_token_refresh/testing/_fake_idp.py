@@ -1,9 +1,9 @@
-"""The fake OAuth2/OIDC provider as an ASGI app: routing and the five endpoints.
+"""The fake OAuth2/OIDC provider as an ASGI app: its test-facing API, routing, ``/authorize``
+and ``/token`` (with scripted faults, the pause gate and latency).
 
-Discovery, ``/authorize``, ``/token`` (with scripted faults, the pause gate and latency),
-``/userinfo`` and ``/revoke``. What tokens exist and how they are issued, rotated and revoked
-lives in :mod:`._grants`; this module turns requests into calls on it and its answers into
-responses.
+What tokens exist and how they are issued, rotated and revoked lives in :mod:`._grants`, the
+signing keys in :mod:`._keys`, and the other endpoints (metadata, JWKS, userinfo, revocation,
+logout) in :mod:`._endpoints`; this module turns requests into calls on them.
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ import asyncio
 import secrets
 from collections import Counter, deque
 from collections.abc import Mapping
-from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import httpx
 
 from .._clock import SYSTEM_CLOCK, Clock
+from ._endpoints import ProviderEndpoints
 from ._faults import Fault, Gate, fault_response
-from ._grants import Code, TokenIssuer
+from ._grants import Code
 from ._http import (
     Receive,
     Reject,
@@ -34,19 +34,21 @@ from ._http import (
     send_response,
 )
 
-_SCOPES_SUPPORTED = ["openid", "profile", "email", "offline_access"]
-_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]
+_OAUTH_METADATA = "/.well-known/oauth-authorization-server"
 _ROUTES = {  # path under the issuer -> (endpoint name for calls(), allowed methods)
     "/.well-known/openid-configuration": ("discovery", ("GET",)),
+    _OAUTH_METADATA: ("oauth_metadata", ("GET",)),
     "/authorize": ("authorize", ("GET",)),
     "/token": ("token", ("POST",)),
     "/userinfo": ("userinfo", ("GET", "POST")),
     "/revoke": ("revoke", ("POST",)),
+    "/jwks": ("jwks", ("GET",)),
+    "/logout": ("end_session", ("GET", "POST")),
 }
 _CODE_LIFETIME = 60.0  # seconds; RFC 6749 §4.1.2 asks for short-lived codes
 
 
-class FakeIdP(TokenIssuer):
+class FakeIdP(ProviderEndpoints):
     """An in-memory OAuth2/OIDC provider, as an ASGI app (asyncio). Thread-safe.
 
     A token request is counted, takes the next scripted fault, parks at the gate if one is
@@ -54,6 +56,19 @@ class FakeIdP(TokenIssuer):
     ``reuse_count`` times) gets the grant's current refresh token; beyond that it is
     ``invalid_grant`` and, with ``revoke_on_reuse``, the whole grant dies. A replayed
     authorization code is treated the same way (RFC 6749 §4.1.2).
+
+    ID tokens (with ``openid`` in the scope, at login and on every refresh) are signed with a
+    real ``id_token_alg`` key (``"RS256"`` or ``"ES256"``, needs the ``oidc`` extra) whose
+    ``kid`` is in the JWK Set at ``{issuer}/jwks``. Claims: ``iss``, ``sub``, ``aud`` and
+    ``azp`` (the client_id), ``iat``, ``exp`` (``iat + access_token_lifetime``, by ``clock``),
+    ``auth_time``, ``sid`` and, at login only, the authorization request's ``nonce``. See
+    :meth:`rotate_signing_key` and :meth:`tamper_next_id_token`. Each login opens a provider
+    session that ``{issuer}/logout`` (the ``end_session_endpoint``) ends.
+
+    Metadata is served as OIDC discovery and as RFC 8414 authorization server metadata, the
+    latter both at ``/.well-known/oauth-authorization-server{issuer path}`` (RFC 8414 §3.1) and
+    under the issuer's path; ``revocation_in_oauth_metadata_only`` leaves the revocation
+    endpoint out of OIDC discovery, as several real providers do.
 
     ``close()`` releases parked requests and answers hung ones 503 ``temporarily_unavailable``
     (to a client that already gave up, that answer is simply lost); later ``Fault.hang`` faults
@@ -74,6 +89,8 @@ class FakeIdP(TokenIssuer):
         revoke_on_reuse: bool = True,
         offline_access_requires_consent: bool = True,
         latency: float = 0.0,
+        id_token_alg: str = "RS256",
+        revocation_in_oauth_metadata_only: bool = False,
     ) -> None:
         self._issuer = issuer.rstrip("/") if issuer is not None else None
         super().__init__(
@@ -85,7 +102,9 @@ class FakeIdP(TokenIssuer):
             reuse_grace=reuse_grace,
             reuse_count=reuse_count,
             revoke_on_reuse=revoke_on_reuse,
+            id_token_alg=id_token_alg,
         )
+        self.revocation_in_oauth_metadata_only = revocation_in_oauth_metadata_only
         self.subject = subject
         self.offline_access_requires_consent = offline_access_requires_consent
         self.latency = latency
@@ -97,7 +116,7 @@ class FakeIdP(TokenIssuer):
         self._token_arrivals: Counter[str] = Counter()
         self._token_outcomes: Counter[tuple[str, str]] = Counter()
 
-    # -- the test-facing API (grants_revoked, is_grant_active and issue() are in _grants) -----
+    # -- the test-facing API (the part about grants, sessions and keys is in _grants) ----------
 
     @property
     def issuer(self) -> str | None:
@@ -151,7 +170,11 @@ class FakeIdP(TokenIssuer):
             )
 
     def calls(self, endpoint: str) -> int:
-        """Requests to ``discovery``, ``authorize``, ``token``, ``userinfo`` or ``revoke``."""
+        """Requests to an endpoint, by name.
+
+        ``discovery``, ``oauth_metadata`` (RFC 8414), ``jwks``, ``authorize``, ``token``,
+        ``userinfo``, ``revoke`` or ``end_session``.
+        """
         with self._lock:
             return self._calls[endpoint]
 
@@ -175,7 +198,10 @@ class FakeIdP(TokenIssuer):
         issuer = self._issuer_for(scope)
         path: str = scope["path"]
         prefix = urlsplit(issuer).path
-        route = path[len(prefix) :] if path.startswith(prefix) else None
+        if prefix and path == _OAUTH_METADATA + prefix:  # RFC 8414 §3.1: the issuer path last
+            route: str | None = _OAUTH_METADATA
+        else:
+            route = path[len(prefix) :] if path.startswith(prefix) else None
         method: str = scope["method"]
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         body = await read_body(receive)
@@ -190,13 +216,20 @@ class FakeIdP(TokenIssuer):
         else:
             with self._lock:
                 self._calls[endpoint] += 1
+            query = dict(parse_qsl(scope["query_string"].decode("latin-1")))
             if endpoint == "discovery":
                 response = json_response(200, self._discovery(issuer))
+            elif endpoint == "oauth_metadata":
+                response = json_response(200, self._oauth_metadata(issuer))
+            elif endpoint == "jwks":
+                response = self._jwks()
             elif endpoint == "authorize":
-                query = scope["query_string"].decode("latin-1")
-                response = self._authorize(dict(parse_qsl(query)))
+                response = self._authorize(query)
             elif endpoint == "userinfo":
                 response = self._userinfo(headers)
+            elif endpoint == "end_session":
+                params = query if method == "GET" else parse_form(headers, body)
+                response = self._end_session(issuer, params)
             else:
                 response = self._revoke(headers, body)
         await send_response(send, response)
@@ -212,23 +245,6 @@ class FakeIdP(TokenIssuer):
         with self._lock:
             self._last_issuer = issuer
         return issuer
-
-    def _discovery(self, issuer: str) -> dict[str, Any]:
-        return {
-            "issuer": issuer,
-            "authorization_endpoint": f"{issuer}/authorize",
-            "token_endpoint": f"{issuer}/token",
-            "userinfo_endpoint": f"{issuer}/userinfo",
-            "revocation_endpoint": f"{issuer}/revoke",
-            "response_types_supported": ["code"],
-            "grant_types_supported": ["authorization_code", "refresh_token", "client_credentials"],
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["HS256", "none"],
-            "code_challenge_methods_supported": ["S256"],
-            "token_endpoint_auth_methods_supported": _AUTH_METHODS,
-            "revocation_endpoint_auth_methods_supported": _AUTH_METHODS,
-            "scopes_supported": _SCOPES_SUPPORTED,
-        }
 
     # -- /authorize ---------------------------------------------------------------------------
 
@@ -280,6 +296,8 @@ class FakeIdP(TokenIssuer):
                 nonce=query.get("nonce"),
                 challenge=challenge,
                 expires_at=self.clock.time() + _CODE_LIFETIME,
+                sid=self._open_session(),
+                auth_time=int(self.clock.time()),
             )
         return redirect({"code": code})
 
@@ -320,43 +338,3 @@ class FakeIdP(TokenIssuer):
                 Reject("temporarily_unavailable", "the IdP was closed", status=503)
             )
         return response
-
-    # -- /userinfo and /revoke ----------------------------------------------------------------
-
-    def _userinfo(self, headers: Mapping[str, str]) -> Response:
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        with self._lock:
-            record = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
-            valid = (
-                record is not None
-                and not record.revoked
-                and record.grant.active
-                and self.clock.time() < record.expires_at
-            )
-        if record is None or not valid:
-            challenge = ("www-authenticate", 'Bearer error="invalid_token"')
-            body = {"error": "invalid_token", "error_description": "access token is not valid"}
-            return json_response(401, body, challenge)
-        sub = record.grant.subject
-        return json_response(200, {"sub": sub, "name": sub.title(), "email": f"{sub}@example.com"})
-
-    def _revoke(self, headers: Mapping[str, str], body: bytes) -> Response:
-        form = parse_form(headers, body)
-        with self._lock:
-            try:
-                if form is None:
-                    raise Reject("invalid_request", "expected a form-encoded body")
-                client_id = self._authenticate(form, headers)
-                token = form.get("token")
-                if not token:
-                    raise Reject("invalid_request", "token is missing")
-            except Reject as reject:
-                return error_response(reject)
-            # RFC 7009 §2.2: unknown tokens, or other clients' tokens, still get a 200.
-            refresh = self._refresh.get(token)
-            access = self._access.get(token)
-            if refresh is not None and refresh.grant.client_id == client_id:
-                self._revoke_grant(refresh.grant)
-            elif access is not None and access.grant.client_id == client_id:
-                access.revoked = True
-        return Response(200)

@@ -2,8 +2,9 @@
 
 Clients, authorization codes, grants (token families) and the refresh and access tokens hanging
 off them, with the policies that matter in a refresh storm: rotation, Okta-style reuse grace,
-Keycloak-style reuse counts and revoking a whole family on reuse. No I/O here: the endpoints in
-:mod:`._fake_idp` hold ``_lock`` around every call and turn a ``Reject`` into an answer.
+Keycloak-style reuse counts and revoking a whole family on reuse. Also the provider sessions
+that logins open and logouts end, and the ID tokens, signed by :mod:`._keys`. No I/O here: the
+endpoints hold ``_lock`` around every call and turn a ``Reject`` into an answer.
 """
 
 from __future__ import annotations
@@ -11,16 +12,20 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import json
 import secrets
 import threading
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-from urllib.parse import unquote_plus
+from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock
-from ._http import Reject, invalid_client
+from ._http import Reject, authenticate_client
+
+if TYPE_CHECKING:
+    from ._keys import KeyRing
+
+ID_TOKEN_ALGORITHMS = ("RS256", "ES256")
 
 
 @dataclass(eq=False)
@@ -33,6 +38,8 @@ class _Grant:
     nonce: str | None = None
     refresh_token: str | None = None  # the current one
     active: bool = True
+    sid: str = ""  # the provider session the login opened
+    auth_time: int = 0  # when the user logged in (OIDC Core §2)
 
 
 @dataclass(eq=False)
@@ -58,6 +65,8 @@ class Code:
     nonce: str | None
     challenge: str | None
     expires_at: float
+    sid: str
+    auth_time: int
     grant: _Grant | None = None  # set once exchanged
 
 
@@ -79,7 +88,10 @@ class TokenIssuer:
         reuse_grace: float,
         reuse_count: int,
         revoke_on_reuse: bool,
+        id_token_alg: str,
     ) -> None:
+        if id_token_alg not in ID_TOKEN_ALGORITHMS:
+            raise ValueError(f"id_token_alg must be one of {ID_TOKEN_ALGORITHMS}")
         self._last_issuer = issuer  # what ID tokens name; FakeIdP learns it from requests
         self.clock = clock
         self._clients = clients
@@ -95,8 +107,13 @@ class TokenIssuer:
         self._refresh: dict[str, _RefreshRecord] = {}
         self._access: dict[str, _AccessRecord] = {}
         self._grants_revoked = 0
+        self._sessions: set[str] = set()  # sids of open provider sessions
+        self._sessions_ended = 0
+        self._id_token_alg = id_token_alg
+        self._keys: KeyRing | None = None  # see _signing_keys()
+        self._tampers: deque[str] = deque()
 
-    # -- the test-facing API about grants (the rest is on FakeIdP) -----------------------------
+    # -- the test-facing API about grants, sessions and keys (the rest is on FakeIdP) ---------
 
     @property
     def grants_revoked(self) -> int:
@@ -125,49 +142,51 @@ class TokenIssuer:
             raise ValueError(f"unknown client_id {client_id!r}")
         with self._lock:
             grant = _Grant(client_id, subject, " ".join(scope.split()))
+            grant.sid, grant.auth_time = self._open_session(), int(self.clock.time())
             return self._grant_tokens(grant)
 
-    # -- the token endpoint's rules -----------------------------------------------------------
+    @property
+    def sessions_ended(self) -> int:
+        """Provider sessions ended at the ``end_session_endpoint``.
 
-    def _authenticate(self, form: Mapping[str, str], headers: Mapping[str, str]) -> str:
-        """The authenticated client_id (RFC 6749 §2.3.1), or raise ``invalid_client``."""
-        authorization = headers.get("authorization")
-        if authorization is not None:
-            scheme, _, credentials = authorization.partition(" ")
-            if scheme.lower() != "basic":
-                raise invalid_client()
-            try:
-                decoded = base64.b64decode(credentials.strip(), validate=True).decode()
-            except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
-                raise invalid_client() from None
-            raw_id, colon, raw_secret = decoded.partition(":")
-            if not colon:
-                raise invalid_client()
-            # §2.3.1: id and secret are form-urlencoded before being put into Basic.
-            client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
-            if "client_secret" in form:
-                raise Reject("invalid_request", "more than one client authentication method")
-            if form.get("client_id", client_id) != client_id:
-                raise invalid_client()
-        else:
-            client_id = form.get("client_id", "")
-            secret = form.get("client_secret", "")
-        if client_id not in self._clients:
-            raise invalid_client()
-        expected = self._clients[client_id]
-        if expected is None:
-            ok = not secret
-        else:
-            ok = hmac.compare_digest(secret.encode(), expected.encode())
-        if not ok:
-            raise invalid_client()
-        return client_id
+        Each login, and each :meth:`issue`, opens one; its ID tokens carry its ``sid``.
+        """
+        with self._lock:
+            return self._sessions_ended
+
+    def rotate_signing_key(self, alg: str | None = None, *, drop_old: bool = False) -> str:
+        """Sign ID tokens with a new key from now on; returns its ``kid``.
+
+        ``alg`` (``"RS256"`` or ``"ES256"``) defaults to the current one. The old public keys
+        stay in the JWKS, so tokens signed before still verify, unless ``drop_old``.
+        """
+        if alg is not None and alg not in ID_TOKEN_ALGORITHMS:
+            raise ValueError(f"alg must be one of {ID_TOKEN_ALGORITHMS}")
+        with self._lock:
+            return self._signing_keys().rotate(alg, drop_old=drop_old)
+
+    def tamper_next_id_token(self, kind: str) -> None:
+        """Spoil the ID token of the next successful code exchange; calls queue up.
+
+        Each kind breaks one check a relying party must make: ``"bad_signature"``,
+        ``"unknown_kid"`` (signed by a key the JWKS never had), ``"wrong_issuer"``,
+        ``"wrong_audience"``, ``"expired"`` (an hour ago), ``"nonce_mismatch"``, ``"alg_none"``
+        (unsigned), ``"hs256_with_public_key"`` (HMAC keyed with the public key's PEM: the
+        key-confusion attack) and ``"missing_exp"``. The rest of the answer is unchanged.
+        """
+        from ._keys import check_tamper_kind
+
+        check_tamper_kind(kind)
+        with self._lock:
+            self._tampers.append(kind)
+
+    # -- the token endpoint's rules -----------------------------------------------------------
 
     def _token(
         self, form: Mapping[str, str], headers: Mapping[str, str]
     ) -> tuple[dict[str, Any], str]:
         """The success body and outcome of a token request, or raise :class:`Reject`."""
-        client_id = self._authenticate(form, headers)
+        client_id = authenticate_client(self._clients, form, headers)
         grant_type = form.get("grant_type")
         if grant_type == "authorization_code":
             return self._exchange_code(client_id, form), "success"
@@ -199,8 +218,10 @@ class TokenIssuer:
             and not hmac.compare_digest(_s256(verifier), code.challenge)
         ):
             raise Reject("invalid_grant", "PKCE verification failed")
-        code.grant = _Grant(client_id, code.subject, code.scope, code.nonce)
-        return self._grant_tokens(code.grant)
+        code.grant = _Grant(
+            client_id, code.subject, code.scope, code.nonce, sid=code.sid, auth_time=code.auth_time
+        )
+        return self._grant_tokens(code.grant, login=True)
 
     def _refresh_grant(self, client_id: str, form: Mapping[str, str]) -> tuple[dict[str, Any], str]:
         record = self._refresh.get(form.get("refresh_token", ""))
@@ -240,13 +261,15 @@ class TokenIssuer:
         grant = _Grant(client_id, client_id, " ".join(form.get("scope", "").split()))
         return self._tokens(grant, grant.scope, refresh_token=None)
 
-    def _grant_tokens(self, grant: _Grant) -> dict[str, Any]:
+    def _grant_tokens(self, grant: _Grant, *, login: bool = False) -> dict[str, Any]:
         """First tokens of a new grant; a refresh token only with offline_access."""
         if "offline_access" in grant.scope.split():
             grant.refresh_token = self._new_refresh_token(grant)
-        return self._tokens(grant, grant.scope, refresh_token=grant.refresh_token)
+        return self._tokens(grant, grant.scope, refresh_token=grant.refresh_token, login=login)
 
-    def _tokens(self, grant: _Grant, scope: str, *, refresh_token: str | None) -> dict[str, Any]:
+    def _tokens(
+        self, grant: _Grant, scope: str, *, refresh_token: str | None, login: bool = False
+    ) -> dict[str, Any]:
         access_token = "at_" + secrets.token_urlsafe(24)
         expires_at = self.clock.time() + self.access_token_lifetime
         self._access[access_token] = _AccessRecord(grant, expires_at)
@@ -260,7 +283,7 @@ class TokenIssuer:
         if refresh_token is not None:
             body["refresh_token"] = refresh_token
         if "openid" in scope.split():
-            body["id_token"] = self._id_token(grant)
+            body["id_token"] = self._id_token(grant, login=login)
         return body
 
     def _new_refresh_token(self, grant: _Grant) -> str:
@@ -268,18 +291,45 @@ class TokenIssuer:
         self._refresh[token] = _RefreshRecord(grant)
         return token
 
-    def _id_token(self, grant: _Grant) -> str:
+    def _id_token(self, grant: _Grant, *, login: bool) -> str:
         now = int(self.clock.time())
         claims: dict[str, Any] = {
             "iss": self._last_issuer or "http://localhost",
             "sub": grant.subject,
             "aud": grant.client_id,
+            "azp": grant.client_id,
             "iat": now,
             "exp": now + int(self.access_token_lifetime),
+            "auth_time": grant.auth_time,
+            "sid": grant.sid,
         }
-        if grant.nonce is not None:
+        # OIDC Core §12.2: a refreshed ID token keeps iss, sub, aud and auth_time, not the nonce.
+        if login and grant.nonce is not None:
             claims["nonce"] = grant.nonce
-        return _jwt(claims, self._clients[grant.client_id])
+        tamper = self._tampers.popleft() if login and self._tampers else None
+        return self._signing_keys().sign(claims, tamper)
+
+    def _signing_keys(self) -> KeyRing:
+        if self._keys is None:
+            try:
+                from ._keys import KeyRing
+            except ImportError as exc:  # pragma: no cover - the oidc extra is missing
+                raise ImportError(
+                    "FakeIdP signs ID tokens with cryptography and PyJWT: "
+                    "pip install 'asgi-token-refresh[oidc]'"
+                ) from exc
+            self._keys = KeyRing(self._id_token_alg)
+        return self._keys
+
+    def _open_session(self) -> str:
+        sid = "sid-" + secrets.token_urlsafe(12)
+        self._sessions.add(sid)
+        return sid
+
+    def _close_session(self, sid: str) -> None:
+        if sid in self._sessions:
+            self._sessions.discard(sid)
+            self._sessions_ended += 1
 
     def _revoke_grant(self, grant: _Grant) -> None:
         if grant.active:
@@ -298,15 +348,3 @@ def _b64url(data: bytes) -> str:
 def _s256(verifier: str) -> str:
     """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), no padding."""
     return _b64url(hashlib.sha256(verifier.encode("ascii", "replace")).digest())
-
-
-def _jwt(claims: Mapping[str, Any], secret: str | None) -> str:
-    """An HS256 JWT keyed with the client secret; ``alg: none`` for public clients."""
-    header = {"alg": "HS256" if secret is not None else "none", "typ": "JWT"}
-    signing_input = ".".join(
-        _b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims)
-    )
-    if secret is None:
-        return signing_input + "."
-    signature = hmac.new(secret.encode(), signing_input.encode(), hashlib.sha256).digest()
-    return signing_input + "." + _b64url(signature)

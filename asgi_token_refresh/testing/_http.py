@@ -1,15 +1,17 @@
-"""The little HTTP the fake provider speaks over ASGI: bodies, forms, OAuth errors, responses.
+"""The fake provider's HTTP over ASGI: bodies, forms, client authentication, errors, responses.
 
 Standard library only; no framework, so the fake provider runs wherever the library does.
 """
 
 from __future__ import annotations
 
+import base64
+import hmac
 import json
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_plus
 
 Scope = MutableMapping[str, Any]
 _Message = MutableMapping[str, Any]
@@ -33,6 +35,40 @@ class Reject(Exception):
 
 def invalid_client() -> Reject:
     return Reject("invalid_client", "client authentication failed", status=401)
+
+
+def authenticate_client(
+    clients: Mapping[str, str | None], form: Mapping[str, str], headers: Mapping[str, str]
+) -> str:
+    """The authenticated client_id (RFC 6749 §2.3.1), or raise ``invalid_client``."""
+    authorization = headers.get("authorization")
+    if authorization is not None:
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            raise invalid_client()
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode()
+        except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+            raise invalid_client() from None
+        raw_id, colon, raw_secret = decoded.partition(":")
+        if not colon:
+            raise invalid_client()
+        # §2.3.1: id and secret are form-urlencoded before being put into Basic.
+        client_id, secret = unquote_plus(raw_id), unquote_plus(raw_secret)
+        if "client_secret" in form:
+            raise Reject("invalid_request", "more than one client authentication method")
+        if form.get("client_id", client_id) != client_id:
+            raise invalid_client()
+    else:
+        client_id = form.get("client_id", "")
+        secret = form.get("client_secret", "")
+    if client_id not in clients:
+        raise invalid_client()
+    expected = clients[client_id]
+    ok = not secret if expected is None else hmac.compare_digest(secret.encode(), expected.encode())
+    if not ok:
+        raise invalid_client()
+    return client_id
 
 
 @dataclass
