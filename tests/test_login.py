@@ -11,6 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -26,6 +27,7 @@ from asgi_token_refresh import (
     SessionStore,
     TokenRefreshMiddleware,
 )
+from asgi_token_refresh.fastapi import RESPONSES, Token
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault
 
 pytestmark = pytest.mark.anyio
@@ -333,3 +335,50 @@ async def test_a_public_client_logs_in_with_pkce_alone(
         assert (await site.log_in(browser)).status_code == 303
         assert await who(browser) == idp.subject
     idp.close()
+
+
+# -- the README's few lines, per kind of app -----------------------------------------------------
+# (refresher=Refresher(client) where the README says client=: each test has its own FakeIdP,
+# and client= shares one refresher per provider and client id for the whole process)
+
+
+def fastapi_app(client: OAuth2Client, store: SessionStore) -> Any:
+    app = FastAPI(responses=RESPONSES)
+    app.add_middleware(TokenRefreshMiddleware, refresher=Refresher(client), store=store)
+    app.mount("/auth", OIDCLogin(client, secret_keys=[KEY]))
+
+    @app.get("/me")
+    async def me(token: Token) -> dict[str, Any]:
+        return {"user": ((await token.claims()) or {}).get("sub")}
+
+    return app
+
+
+def raw_asgi_app(client: OAuth2Client, store: SessionStore) -> Any:
+    login = OIDCLogin(client, secret_keys=[KEY])
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/auth/"):
+            return await login({**scope, "root_path": "/auth"}, receive, send)
+        claims = await scope["state"]["token"].claims()
+        body = JSONResponse({"user": (claims or {}).get("sub")})
+        await body(scope, receive, send)
+        return None
+
+    return TokenRefreshMiddleware(app, refresher=Refresher(client), store=store)
+
+
+@pytest.mark.parametrize("build", [fastapi_app, raw_asgi_app])
+async def test_fastapi_and_raw_asgi_apps_log_in_and_out_with_the_same_few_lines(
+    idp: FakeIdP, clock: FakeClock, store: SessionStore, build: Any
+) -> None:
+    site = Site(idp, clock, store)
+    site.app = build(site.client, store)
+    async with site.browser() as browser:
+        back = await site.log_in(browser)
+        assert back.status_code == 303
+        assert await who(browser) == idp.subject
+        out = await browser.post("/auth/logout", headers={"sec-fetch-site": "same-origin"})
+        assert out.status_code == 303
+        assert await who(browser) is None
+    assert idp.calls("revoke") == 1
