@@ -28,7 +28,7 @@ from asgi_token_refresh import (
     TokenRefreshMiddleware,
 )
 from asgi_token_refresh.fastapi import RESPONSES, Token
-from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault
+from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, capture_telemetry
 
 pytestmark = pytest.mark.anyio
 
@@ -382,3 +382,42 @@ async def test_fastapi_and_raw_asgi_apps_log_in_and_out_with_the_same_few_lines(
         assert out.status_code == 303
         assert await who(browser) is None
     assert idp.calls("revoke") == 1
+
+
+async def test_a_logout_that_cannot_revoke_says_so_once_and_is_counted(
+    idp: FakeIdP, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    captured = capture_telemetry()
+    client = OAuth2Client(  # endpoints given, no revocation endpoint among them
+        client_id="app",
+        client_secret="app-secret",
+        token_endpoint=f"{ISSUER}/token",
+        transport=idp.transport(),
+        clock=clock,
+        telemetry=captured.telemetry,
+    )
+    refresher = Refresher(client)
+
+    async def login(request: Request) -> PlainTextResponse:
+        await request.state.token.login(idp.issue())
+        return PlainTextResponse("in")
+
+    async def logout(request: Request) -> PlainTextResponse:
+        await request.state.token.logout()
+        return PlainTextResponse("out")
+
+    app = Starlette(
+        routes=[Route("/login", login), Route("/logout", logout)],
+        middleware=[
+            Middleware(TokenRefreshMiddleware, refresher=refresher, store=MemorySessionStore())
+        ],
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url=APP) as browser:
+        for _ in range(2):
+            await browser.get("/login")
+            await browser.get("/logout")
+    assert caplog.text.count("publishes no revocation endpoint") == 1
+    assert captured.value("asgi_token_refresh.logouts", revocation="unsupported") == 2
+    assert idp.calls("revoke") == 0
+    captured.shutdown()
