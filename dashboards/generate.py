@@ -50,6 +50,7 @@ REFRESHES = "asgi_token_refresh_refreshes_total"
 TOKEN_REQUESTS = "asgi_token_refresh_token_requests_total"
 TOKEN_FRESH = "asgi_token_refresh_token_fresh_total"
 COORDINATOR_ERRORS = "asgi_token_refresh_coordinator_errors_total"
+LOGOUTS = "asgi_token_refresh_logouts_total"
 TERMINAL_FAILURES = "asgi_token_refresh_terminal_failures_total"
 DURATION = "asgi_token_refresh_refresh_duration_seconds"
 ACTIVE = "asgi_token_refresh_refresh_active"
@@ -322,6 +323,20 @@ def build() -> dashboard_builders.Dashboard:
         ),
     )
 
+    logouts = panel(
+        "Logouts by revocation",
+        "Sessions ended by logout per second, by what became of the grant at the provider: "
+        "revoked (RFC 7009), unsupported (the provider publishes no revocation endpoint: the "
+        "grant stays valid until it expires), failed (the revocation call failed), skipped. "
+        "Source: asgi_token_refresh.logouts.",
+        "ops",
+        (
+            f"{summed(f'{BY_PROVIDER}, revocation', LOGOUTS)}\n"
+            f"or on ({BY_PROVIDER})\n0 * {summed(BY_PROVIDER, TOKEN_FRESH)}",
+            "{{provider}} {{revocation}}",
+        ),
+    )
+
     fresh_query = f"label_values({TOKEN_FRESH}, job)"
     return (
         dashboard_builders.Dashboard(TITLE)
@@ -377,6 +392,7 @@ def build() -> dashboard_builders.Dashboard:
         .with_row(dashboard_builders.Row("Latency and coordination"))
         .with_panel(latency)
         .with_panel(coordinator_errors)
+        .with_panel(logouts)
     )
 
 

@@ -157,6 +157,7 @@ async def _storm(client: Any, idp: Any, clock: Any) -> None:
         with contextlib.suppress(TokenRefreshError):
             await refresher.ensure_fresh(renewed)
     await refresher.client_credentials()
+    await refresher.end_session(login("erin"))  # a logout, revoked at the provider
     await _across_processes(client, login, clock)
     await _through_the_middleware(refresher, idp, clock)
 

@@ -246,8 +246,8 @@ def test_every_library_metric_has_a_rule_or_is_only_a_panel(
         for _, expr in lint.rule_expressions(rules)
         for selector, _ in lint._selectors(lint.parse(expr))
     }
-    # Waiters and flights in progress are context for a human, not alert conditions.
-    dashboard_only = {_telemetry.REFRESH_WAITERS, _telemetry.REFRESH_ACTIVE}
+    # Waiters, flights in progress and logouts are context for a human, not alert conditions.
+    dashboard_only = {_telemetry.REFRESH_WAITERS, _telemetry.REFRESH_ACTIVE, _telemetry.LOGOUTS}
     for row in scrape.rows(live):
         if row.otel.name not in dashboard_only:
             assert used & set(row.family.series), f"no rule uses {row.otel.name}"
