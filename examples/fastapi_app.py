@@ -1,84 +1,82 @@
 """The Starlette example as a FastAPI app, with the ``Token`` dependency.
 
-    uvicorn examples.fastapi_app:app                         # against the in-process FakeIdP
+    uvicorn examples.fastapi_app:app            # against the in-process FakeIdP at /idp
 
-Configuration is the same environment variables (see examples/README.md). ``Token`` is the
-request's :class:`~asgi_token_refresh.TokenAccessor`, provided by ``TokenRefreshMiddleware``:
-``await token.headers()`` is the user's fresh ``Authorization`` header. A dead session answers
-401 JSON ``{"error": "reauthentication_required"}``; a provider outage 503 with ``Retry-After``.
+Configuration comes from the environment (examples/README.md). ``OIDCLogin`` at ``/auth``
+serves ``GET /auth/login?next=``, ``GET /auth/callback`` and ``POST /auth/logout``; ``Token``
+is the request's :class:`~asgi_token_refresh.TokenAccessor`, provided by
+``TokenRefreshMiddleware``. ``RESPONSES`` documents its answers in OpenAPI: 401 JSON
+``{"error": "reauthentication_required"}`` for a dead session, 503 with ``Retry-After`` when
+the provider is down.
 """
 
 from __future__ import annotations
 
 import contextlib
+import html
+import json
 from collections.abc import AsyncIterator
+from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, RedirectResponse, Response
+import httpx
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse, JSONResponse
 
-from asgi_token_refresh import Clock, TokenRefreshMiddleware
-from asgi_token_refresh.fastapi import Token
+from asgi_token_refresh import Clock, OIDCLogin, TokenRefreshMiddleware
+from asgi_token_refresh.fastapi import RESPONSES, Token
 
-from ._common import LOGIN_COOKIE, LOGIN_TTL, OIDC, LoginError, home_page
+from ._common import Config
 
 
 def create_app(*, clock: Clock | None = None) -> FastAPI:
     """The app, configured from the environment (``clock`` is for tests)."""
-    oidc = OIDC.from_env(clock)
+    config = Config.from_env(clock)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
-        await oidc.aclose()
+        await config.aclose()
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_middleware(
-        TokenRefreshMiddleware, refresher=oidc.refresher, store=oidc.store, on_terminal="401"
+    app = FastAPI(responses=RESPONSES, lifespan=lifespan)
+    app.add_middleware(TokenRefreshMiddleware, refresher=config.refresher, store=config.store)
+    app.mount(
+        "/auth",
+        OIDCLogin(
+            config.client,
+            secret_keys=config.secret_keys,
+            scope=config.scope,
+            redirect_uri=config.redirect_uri,
+            post_logout_redirect_uri=config.after_logout_uri,
+            secure_cookies=config.secure,
+        ),
     )
-    if oidc.idp is not None:
-        app.mount("/idp", oidc.idp)
+    if config.idp is not None:
+        app.mount("/idp", config.idp)
 
-    @app.get("/")
-    async def home(token: Token) -> Response:
-        return home_page(await token.is_authenticated())
-
-    @app.get("/login")
-    async def login() -> Response:
-        started = await oidc.start_login()
-        response = RedirectResponse(started.url, status_code=303)
-        response.set_cookie(
-            LOGIN_COOKIE,
-            started.state,
-            max_age=LOGIN_TTL,
-            path="/callback",
-            secure=oidc.secure_cookies,
-            httponly=True,
-            samesite="lax",  # sent on the provider's top-level redirect back to us
-        )
-        return response
-
-    @app.get("/callback")
-    async def callback(request: Request, token: Token) -> Response:
-        try:
-            token_set = await oidc.finish_login(
-                request.query_params, request.cookies.get(LOGIN_COOKIE)
-            )
-        except LoginError as exc:
-            response: Response = PlainTextResponse(f"Login failed: {exc}", status_code=400)
+    @app.get("/", response_class=HTMLResponse)
+    async def home(token: Token) -> str:
+        claims = await token.claims()
+        if claims is None:
+            body = 'Not logged in. <a href="/auth/login?next=/">Log in</a>'
         else:
-            await token.login(token_set)  # a new session; the middleware sets its cookie
-            response = RedirectResponse("/", status_code=303)
-        response.delete_cookie(LOGIN_COOKIE, path="/callback")
-        return response
+            body = (
+                f"Logged in as {html.escape(str(claims.get('sub')))}. "
+                '<a href="/api/me">/api/me</a> <form method="post" action="/auth/logout">'
+                '<button type="submit">Log out</button></form>'
+            )
+        return f"<!doctype html><title>asgi-token-refresh</title><p>{body}</p>"
 
     @app.get("/api/me")
-    async def me(token: Token) -> Response:
-        return await oidc.userinfo(token)
-
-    @app.api_route("/logout", methods=["GET", "POST"])
-    async def logout(token: Token) -> Response:
-        await token.logout()  # revokes the refresh token at the provider (RFC 7009)
-        return RedirectResponse("/", status_code=303)
+    async def me(token: Token) -> Any:
+        endpoint = (await config.client.metadata()).userinfo_endpoint
+        if endpoint is None:
+            return JSONResponse({"error": "the provider has no userinfo endpoint"}, 501)
+        try:  # the user's token is injected; a 401 gets one refresh and one retry
+            async with token.client(transport=config.provider_transport, timeout=10) as provider:
+                userinfo = (await provider.get(endpoint)).raise_for_status().json()
+        except (httpx.HTTPError, json.JSONDecodeError, UnicodeDecodeError):
+            return JSONResponse({"error": "the userinfo request failed"}, 502)
+        return {"claims": await token.claims(), "userinfo": userinfo}
 
     return app
 

@@ -1,6 +1,12 @@
-"""The web examples end to end, over real sockets: a strict FakeIdP and the example app each run
-in uvicorn on loopback, the app talks to the IdP over HTTP, and an httpx client with a cookie
-jar plays the browser. Time moves only with the shared FakeClock."""
+"""The web examples end to end, over real sockets, with the library's login (``OIDCLogin`` at
+``/auth``) against a strict FakeIdP (rotation on, reuse revokes the grant); an httpx client with
+a cookie jar plays the browser.
+
+One worker: the FakeIdP and the example app each run in uvicorn on loopback in this process,
+and time moves only with the shared FakeClock. Several workers: four uvicorn processes run the
+example app and share nothing but ``SESSION_SECRET`` and Redis (or the files of
+``ATR_COORDINATOR=file``); they and the FakeIdP read the wall time from a SharedClock that only
+the test moves."""
 
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ from asgi_token_refresh import (
 from asgi_token_refresh.redis import RedisCoordinator, RedisSessionStore
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, serve
 from examples import fastapi_app, starlette_app
-from examples._common import OIDC, FilePendingLogins, MemoryPendingLogins, RedisPendingLogins
+from examples._common import Config
 
-from .processes import RedisServer, free_port
+from .processes import RedisServer, Uvicorn, free_port, start_uvicorn, stop
+from .workers.clock import SharedClock
 
 pytestmark = pytest.mark.anyio
 
@@ -42,6 +49,8 @@ COOKIE_NAMES = {"memory": "atr_sid", "cookie": "atr_session"}
 EXPIRED = 300.0  # FakeIdP's access-token lifetime: advancing this far makes tokens due
 BOTH_STORES = pytest.mark.parametrize("store_kind", ["memory", "cookie"])
 COOKIE_STORE = pytest.mark.parametrize("store_kind", ["cookie"])
+EXAMPLE_ENV = ("OIDC_ISSUER", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "OIDC_SCOPE", "APP_BASE_URL")
+SHARING_ENV = ("SESSION_SECRET", "REDIS_URL", "ATR_COORDINATOR")
 
 
 @dataclass
@@ -85,26 +94,28 @@ def store_kind() -> str:
 
 
 @pytest.fixture
-def stack(framework: str, store_kind: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stack]:
+def example_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """None of the examples' variables set: whatever the developer's shell exports."""
+    for name in (*EXAMPLE_ENV, *SHARING_ENV):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.fixture
+def stack(framework: str, store_kind: str, example_env: pytest.MonkeyPatch) -> Iterator[Stack]:
     clock = FakeClock()
     # Strict: rotation on, no grace, a reused refresh token revokes the grant.
     idp = FakeIdP(issuer=None, clock=clock)  # issuer = the URL it is served at
     servers = Servers()
     try:
         idp_url = servers.start(idp)
-        # The app must know its own URL (the redirect URI) before it is served.
-        port = free_port()
-        app_url = f"http://127.0.0.1:{port}"
-        monkeypatch.setenv("OIDC_ISSUER", idp_url)
-        monkeypatch.setenv("OIDC_CLIENT_ID", "app")
-        monkeypatch.setenv("OIDC_CLIENT_SECRET", "app-secret")
-        monkeypatch.setenv("APP_BASE_URL", app_url)
-        monkeypatch.delenv("OIDC_SCOPE", raising=False)
+        example_env.setenv("OIDC_ISSUER", idp_url)
+        example_env.setenv("OIDC_CLIENT_ID", "app")
+        example_env.setenv("OIDC_CLIENT_SECRET", "app-secret")
+        # No APP_BASE_URL: OIDCLogin derives the redirect URI from the request.
         if store_kind == "cookie":
-            monkeypatch.setenv("SESSION_SECRET", SESSION_SECRET)
-        else:
-            monkeypatch.delenv("SESSION_SECRET", raising=False)
-        servers.start(CREATE_APP[framework](clock=clock), port=port)
+            example_env.setenv("SESSION_SECRET", SESSION_SECRET)
+        app_url = servers.start(CREATE_APP[framework](clock=clock))
         yield Stack(app_url, idp_url, idp, clock, COOKIE_NAMES[store_kind])
     finally:
         idp.close()
@@ -112,13 +123,33 @@ def stack(framework: str, store_kind: str, monkeypatch: pytest.MonkeyPatch) -> I
 
 
 async def log_in(stack: Stack, browser: httpx.AsyncClient) -> httpx.Response:
-    """/login -> the IdP's /authorize -> /callback -> /, following redirects across both hosts."""
-    response = await browser.get("/login", follow_redirects=True)
+    """/auth/login -> the IdP's /authorize -> /auth/callback -> /, following redirects across
+    both hosts."""
+    response = await browser.get("/auth/login", params={"next": "/"}, follow_redirects=True)
     assert response.status_code == 200, response.text
     assert str(response.url) == stack.app_url + "/"
-    assert "Logged in" in response.text
+    assert "Logged in as alice" in response.text
     assert browser.cookies.get(stack.cookie_name)
     return response
+
+
+async def callback_url(browser: httpx.AsyncClient) -> str:
+    """Start a login in ``browser`` and let the provider log it in: the callback URL (with its
+    code and state) that the provider sends the browser back to."""
+    to_idp = await browser.get("/auth/login")
+    assert to_idp.status_code == 303
+    async with httpx.AsyncClient() as user_agent:
+        to_app = await user_agent.get(to_idp.headers["location"])
+    assert to_app.status_code == 302
+    return str(to_app.headers["location"])
+
+
+async def log_out(browser: httpx.AsyncClient, url: str = "") -> httpx.Response:
+    """The home page's logout form, as a browser submits it (same origin)."""
+    origin = url or str(browser.base_url).rstrip("/")
+    return await browser.post(
+        url + "/auth/logout", headers={"origin": origin}, follow_redirects=True
+    )
 
 
 async def token_set_in(cookie: str) -> TokenSet:
@@ -136,8 +167,19 @@ def cleared(response: httpx.Response, cookie_name: str) -> bool:
     )
 
 
+def login_cookies(browser: httpx.AsyncClient) -> list[str]:
+    return [name for name in browser.cookies if name.startswith("atr_login_")]
+
+
 async def get_me(browser: httpx.AsyncClient, n: int) -> list[httpx.Response]:
     return list(await asyncio.gather(*(browser.get("/api/me") for _ in range(n))))
+
+
+def subjects(responses: list[httpx.Response]) -> set[str]:
+    """Who userinfo says each answer is for, and who the verified ID token said at login."""
+    return {r.json()["userinfo"]["sub"] for r in responses} | {
+        r.json()["claims"]["sub"] for r in responses
+    }
 
 
 # -- login ------------------------------------------------------------------------------------
@@ -146,71 +188,121 @@ async def get_me(browser: httpx.AsyncClient, n: int) -> list[httpx.Response]:
 @BOTH_STORES
 async def test_full_login_then_api_me_returns_the_subject(stack: Stack) -> None:
     async with stack.browser() as browser:
-        assert "Not logged in" in (await browser.get("/")).text
+        home = await browser.get("/")
+        assert "Not logged in" in home.text
+        assert 'href="/auth/login' in home.text
         response = await log_in(stack, browser)
         login, authorize, callback, _ = (r.request.url for r in (*response.history, response))
-        assert login.path == "/login"
+        assert login.path == "/auth/login"
         query = parse_qs(urlsplit(str(authorize)).query)
         assert authorize.path == "/authorize"
         assert query["code_challenge_method"] == ["S256"]
         assert query["prompt"] == ["consent"]  # added for offline_access
-        assert query["redirect_uri"] == [stack.app_url + "/callback"]
+        # Derived from the request under uvicorn, behind the /auth mount.
+        assert query["redirect_uri"] == [stack.app_url + "/auth/callback"]
         assert query["state"]
         assert query["nonce"]
-        assert callback.path == "/callback"
-        session_cookie = next(
-            c
-            for c in response.history[-1].headers.get_list("set-cookie")
-            if c.startswith(stack.cookie_name + "=")
-        )
+        assert callback.path == "/auth/callback"
+        set_cookies = response.history[-1].headers.get_list("set-cookie")
+        session_cookie = next(c for c in set_cookies if c.startswith(stack.cookie_name + "="))
         assert "HttpOnly" in session_cookie
         assert "SameSite=Lax" in session_cookie
+        assert "Secure" not in session_cookie  # plain http on loopback
+        assert not login_cookies(browser)  # the pending login is used up
+        # The logout form posts to OIDCLogin.
+        assert '<form method="post" action="/auth/logout">' in response.text
 
         me = await browser.get("/api/me")
         assert me.status_code == 200
-        assert me.json()["sub"] == "alice"
+        assert me.json()["userinfo"]["sub"] == "alice"
+        claims = me.json()["claims"]  # verified at login
+        assert claims["sub"] == "alice"
+        assert claims["iss"] == stack.idp_url
+        assert claims["aud"] == "app"
+        assert claims["nonce"] == query["nonce"][0]
     assert stack.idp.token_calls("authorization_code", "success") == 1
     assert stack.idp.token_calls("refresh_token") == 0
+    assert stack.idp.calls("jwks") == 1
+
+
+async def test_login_returns_to_the_page_asked_for_and_never_off_site(stack: Stack) -> None:
+    async with stack.browser() as browser:
+        for asked, landed in [("/api/me", "/api/me"), ("//evil.test/x", "/")]:
+            response = await browser.get(
+                "/auth/login", params={"next": asked}, follow_redirects=True
+            )
+            assert response.url.host == "127.0.0.1"
+            assert response.url.path == landed
+            assert response.status_code == 200
 
 
 async def test_callback_errors_answer_400_never_500(stack: Stack) -> None:
     async with stack.browser() as browser, stack.browser() as attacker:
-        assert (await browser.get("/callback")).status_code == 400
-        refused = await browser.get("/callback", params={"error": "access_denied"})
+        assert (await browser.get("/auth/callback")).status_code == 400
+        refused = await browser.get("/auth/callback", params={"error": "access_denied"})
         assert refused.status_code == 400
         assert "access_denied" in refused.text
-        unknown = await browser.get("/callback", params={"code": "x", "state": "unknown"})
+        unknown = await browser.get("/auth/callback", params={"code": "x", "state": "unknown"})
         assert unknown.status_code == 400
         assert "log in again" in unknown.text
-
-        async def callback_url(client: httpx.AsyncClient) -> str:
-            to_idp = await client.get("/login")
-            assert to_idp.status_code == 303
-            async with httpx.AsyncClient() as user_agent:
-                to_app = await user_agent.get(to_idp.headers["location"])
-            assert to_app.status_code == 302
-            return str(to_app.headers["location"])
 
         # Login CSRF: the attacker's callback URL in the victim's browser is refused.
         forced = await browser.get(await callback_url(attacker))
         assert forced.status_code == 400
         assert "another browser" in forced.text
 
-        # A code the provider refuses, then a provider outage during the exchange.
+        # A code the provider refuses, an ID token that does not verify, a provider outage.
         stack.idp.script(Fault.invalid_grant())
         bad_code = await browser.get(await callback_url(browser))
         assert bad_code.status_code == 400
         assert "invalid_grant" in bad_code.text
+        url = await callback_url(browser)
+        stack.idp.tamper_next_id_token("bad_signature")
+        forged = await browser.get(url)
+        assert forged.status_code == 400
+        assert "signature does not verify" in forged.text
         stack.idp.script(Fault.unavailable(retry_after=7))
         down = await browser.get(await callback_url(browser))
         assert down.status_code == 503
         assert down.headers["retry-after"] == "7"
+        assert (await browser.get("/api/me")).status_code == 401  # none of them logged in
 
         # A callback replayed after a successful login.
         url = await callback_url(browser)
         assert (await browser.get(url)).status_code == 303
         assert (await browser.get(url)).status_code == 400
         assert (await browser.get("/api/me")).status_code == 200
+
+
+async def test_the_built_in_provider_is_mounted_at_idp_when_no_issuer_is_set(
+    framework: str, example_env: pytest.MonkeyPatch
+) -> None:
+    """``uvicorn examples.starlette_app:app`` with nothing configured: the FakeIdP at /idp on
+    the same server signs the ID tokens, and the app fetches its discovery and keys."""
+    clock = FakeClock()
+    port = free_port()
+    app_url = f"http://127.0.0.1:{port}"
+    example_env.setenv("APP_BASE_URL", app_url)  # where the stand-in's issuer is
+    with serve(CREATE_APP[framework](clock=clock), port=port):
+        async with httpx.AsyncClient(base_url=app_url, timeout=10.0) as browser:
+            response = await browser.get("/auth/login", follow_redirects=True)
+            hops = [r.url.path for r in (*response.history, response)]
+            assert hops == ["/auth/login", "/idp/authorize", "/auth/callback", "/"]
+            assert "Logged in as alice" in response.text
+            me = await browser.get("/api/me")
+            assert me.json()["claims"]["iss"] == app_url + "/idp"
+            assert me.json()["userinfo"]["sub"] == "alice"
+
+            # The stand-in is strict too: a second refresh of the session would revoke it.
+            clock.advance(EXPIRED)
+            assert {r.status_code for r in await get_me(browser, 20)} == {200}
+            clock.advance(EXPIRED)
+            assert {r.status_code for r in await get_me(browser, 20)} == {200}
+
+            out = await log_out(browser)
+            assert [r.url.path for r in out.history] == ["/auth/logout", "/idp/logout"]
+            assert "Not logged in" in out.text
+            assert (await browser.get("/api/me")).status_code == 401
 
 
 # -- refresh storms ---------------------------------------------------------------------------
@@ -224,7 +316,7 @@ async def test_50_parallel_requests_after_expiry_make_one_refresh(stack: Stack) 
             stack.clock.advance(EXPIRED)
             responses = await get_me(browser, 50)
             assert [r.status_code for r in responses] == [200] * 50
-            assert {r.json()["sub"] for r in responses} == {"alice"}
+            assert subjects(responses) == {"alice"}
             assert stack.idp.token_calls("refresh_token") == round_
         assert stack.idp.grants_revoked == 0
         assert stack.idp.token_calls("refresh_token", "success") == 2
@@ -240,7 +332,7 @@ async def test_three_tabs_over_five_rotations_are_never_revoked(stack: Stack) ->
                 browser.get("/api/me"), browser.get("/api/me"), browser.get("/")
             )
             assert [r.status_code for r in tabs] == [200, 200, 200]
-            assert "Logged in" in tabs[2].text
+            assert "Logged in as alice" in tabs[2].text
             assert stack.idp.token_calls("refresh_token") == rotation
     assert stack.idp.grants_revoked == 0
     assert stack.idp.token_calls("refresh_token", "success") == 5
@@ -262,7 +354,7 @@ async def test_a_straggler_with_the_pre_rotation_cookie_is_served_and_handed_the
     async with stack.browser(cookies={stack.cookie_name: old_cookie}) as straggler:
         late = await straggler.get("/api/me")
         assert late.status_code == 200
-        assert late.json()["sub"] == "alice"
+        assert subjects([late]) == {"alice"}
         handed = late.cookies[stack.cookie_name]
     assert handed not in (old_cookie, new_cookie)  # encrypted afresh
     old, new, straggler_tokens = [await token_set_in(c) for c in (old_cookie, new_cookie, handed)]
@@ -287,11 +379,13 @@ async def test_an_access_token_the_api_rejects_is_refreshed_once_and_retried(
         assert revoked.status_code == 200
         me = await browser.get("/api/me")  # still fresh here, but userinfo says 401
         assert me.status_code == 200
-        assert me.json()["sub"] == "alice"
+        assert subjects([me]) == {"alice"}
         assert stack.idp.token_calls("refresh_token") == 1
         assert stack.idp.calls("userinfo") == 2
         refreshed = await token_set_in(browser.cookies[stack.cookie_name])
         assert refreshed.access_token != tokens.access_token
+        assert refreshed.claims is not None  # the claims from login are kept
+        assert refreshed.claims["sub"] == "alice"
 
 
 # -- failures ---------------------------------------------------------------------------------
@@ -361,7 +455,7 @@ async def test_a_provider_outage_answers_503_and_keeps_the_session(stack: Stack)
         stack.clock.advance(7)
         response = await browser.get("/api/me")
         assert response.status_code == 200
-        assert response.json()["sub"] == "alice"
+        assert subjects([response]) == {"alice"}
     assert stack.idp.token_calls("refresh_token", "success") == 1
     assert stack.idp.grants_revoked == 0
 
@@ -377,12 +471,23 @@ async def test_logout_revokes_the_grant_at_the_provider(stack: Stack, store_kind
             assert refresh_token is not None
             assert stack.idp.is_grant_active(refresh_token)
 
-        response = await browser.get("/logout", follow_redirects=True)
+        # Only the home page's form logs out: no GET, nothing from another site.
+        assert (await browser.get("/auth/logout")).status_code == 405
+        for header in ({"origin": "https://evil.test"}, {"sec-fetch-site": "cross-site"}):
+            assert (await browser.post("/auth/logout", headers=header)).status_code == 403
+        assert (await browser.get("/api/me")).status_code == 200
+        assert stack.idp.calls("revoke") == 0
+
+        response = await log_out(browser)
         assert response.status_code == 200
         assert "Not logged in" in response.text
+        # The app, then the provider's end-session endpoint, which sends the browser back.
+        hops = [str(r.url).partition("?")[0] for r in response.history]
+        assert hops == [stack.app_url + "/auth/logout", stack.idp_url + "/logout"]
         assert cleared(response.history[0], stack.cookie_name)
         assert stack.idp.calls("revoke") == 1
         assert stack.idp.grants_revoked == 1
+        assert stack.idp.sessions_ended == 1
         if refresh_token is not None:
             assert not stack.idp.is_grant_active(refresh_token)
         assert (await browser.get("/api/me")).status_code == 401
@@ -394,14 +499,15 @@ async def test_logout_revokes_the_grant_at_the_provider(stack: Stack, store_kind
         assert response.json()["error"] == "reauthentication_required"
 
 
-# -- several workers: REDIS_URL and ATR_COORDINATOR=file ----------------------------------------
+# -- four workers: REDIS_URL and ATR_COORDINATOR=file -------------------------------------------
 
 
 @dataclass
 class SharedMode:
-    """One of the multi-worker configurations, its environment already set."""
+    """One of the multi-worker configurations: the environment its workers get."""
 
     name: str  # "redis" or "file"
+    env: dict[str, str]
     redis: RedisServer | None
 
     @property
@@ -414,83 +520,173 @@ class SharedMode:
 
 
 @pytest.fixture
-def shared_mode(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> SharedMode:
+def shared_mode(request: pytest.FixtureRequest, tmp_path: Path) -> SharedMode:
     name: str = request.param
-    monkeypatch.setenv("SESSION_SECRET", SESSION_SECRET)
-    monkeypatch.delenv("ATR_COORDINATOR", raising=False)
-    monkeypatch.delenv("REDIS_URL", raising=False)
+    env = {"SESSION_SECRET": SESSION_SECRET, "REDIS_URL": "", "ATR_COORDINATOR": ""}
     if name == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         server.cli("FLUSHALL")
-        monkeypatch.setenv("REDIS_URL", server.url)
-        return SharedMode(name, server)
-    monkeypatch.setenv("ATR_COORDINATOR", "file")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # under the coordinator's directory
-    return SharedMode(name, None)
+        return SharedMode(name, env | {"REDIS_URL": server.url}, server)
+    # The file coordinator's directory is under the temporary directory: this test's own.
+    return SharedMode(name, env | {"ATR_COORDINATOR": "file", "TMPDIR": str(tmp_path)}, None)
 
 
 SHARED_MODES = pytest.mark.parametrize("shared_mode", ["redis", "file"], indirect=True)
 
 
+@contextlib.contextmanager
+def example_servers(
+    framework: str, env: dict[str, str], log_dir: Path, *, servers: int = 1, workers: int = 1
+) -> Iterator[list[Uvicorn]]:
+    """``servers`` uvicorn servers of ``workers`` worker processes each, running the example
+    app with ``env``, every worker ready when this yields; always stopped (their logs are
+    printed, shown when the test fails)."""
+    started = [
+        start_uvicorn(
+            "tests.workers.example_app:create_app",
+            workers=workers,
+            env=env | {"ATR_EXAMPLE": framework},
+            log=log_dir / f"server-{index}.log",
+        )
+        for index in range(servers)
+    ]
+    try:
+        for server in started:
+            server.wait_ready("/healthz")
+        yield started
+    finally:
+        stop(*(server.process for server in started), timeout=5)
+        for index, server in enumerate(started):
+            print(f"--- server {index} ---\n{server.output()}")
+
+
+def worker_env(shared_mode: SharedMode, idp_url: str, clock_path: Path) -> dict[str, str]:
+    return shared_mode.env | {
+        "OIDC_ISSUER": idp_url,
+        "OIDC_CLIENT_ID": "app",
+        "OIDC_CLIENT_SECRET": "app-secret",
+        "OIDC_SCOPE": "",
+        "APP_BASE_URL": "",
+        "ATR_WORKER_CLOCK": str(clock_path),
+    }
+
+
+def shared_clock(tmp_path: Path) -> SharedClock:
+    """FakeClock's start, in the past: FakeIdP checks a logout's id_token_hint with PyJWT,
+    whose "iat is not in the future" check reads the real time, not the provider's clock."""
+    (tmp_path / "wall-time").write_text(repr(FakeClock().time()))
+    return SharedClock(tmp_path / "wall-time")
+
+
+def at(base_url: str, url: str) -> str:
+    """``url`` sent to the server at ``base_url``: what a load balancer in front of several
+    workers may do with any request."""
+    parts = urlsplit(url)
+    return f"{base_url}{parts.path}?{parts.query}" if parts.query else base_url + parts.path
+
+
+async def log_in_across(
+    browser: httpx.AsyncClient, start: Uvicorn, finish: Uvicorn
+) -> tuple[str, dict[str, str]]:
+    """Log in with /auth/login on ``start`` and /auth/callback on ``finish``; returns the
+    callback URL and the login cookie it carried."""
+    started = await browser.get(start.url + "/auth/login")
+    assert started.status_code == 303
+    pending = {name: browser.cookies[name] for name in login_cookies(browser)}
+    assert len(pending) == 1
+    async with httpx.AsyncClient() as user_agent:
+        back = await user_agent.get(started.headers["location"])
+    callback = at(finish.url, back.headers["location"])
+    landed = await browser.get(callback, follow_redirects=True)
+    assert landed.status_code == 200, landed.text
+    assert "Logged in as alice" in landed.text
+    assert [r.url.port for r in (*landed.history, landed)] == [finish.port, finish.port]
+    assert not login_cookies(browser)
+    return callback, pending
+
+
 @SHARED_MODES
-async def test_two_workers_share_logins_sessions_and_refreshes(
-    framework: str, shared_mode: SharedMode, monkeypatch: pytest.MonkeyPatch
+async def test_four_workers_share_logins_sessions_and_refreshes(
+    framework: str, shared_mode: SharedMode, tmp_path: Path
 ) -> None:
-    """Two app instances stand for two uvicorn workers: each has its own refresher, store and
-    pending logins, and nothing in common but Redis (or the files). The login starts on one and
-    its callback lands on the other; then a storm over both makes one refresh per expiry."""
-    clock = FakeClock()
+    """Four processes stand for the workers behind one address, and the test plays the load
+    balancer. A login starts on one worker and its callback lands on another (the login in
+    progress is a cookie sealed with SESSION_SECRET); storms over all four make one refresh
+    per expiry; logout on yet another worker revokes the grant."""
+    clock = shared_clock(tmp_path)
     idp = FakeIdP(issuer=None, clock=clock)  # strict: a second refresh would revoke the grant
     servers = Servers()
     try:
-        idp_url = servers.start(idp)
-        port_a = free_port()
-        port_b = free_port(avoid={port_a})
-        app_url = f"http://127.0.0.1:{port_a}"  # the public URL: callbacks go to worker A
-        monkeypatch.setenv("OIDC_ISSUER", idp_url)
-        monkeypatch.setenv("OIDC_CLIENT_ID", "app")
-        monkeypatch.setenv("OIDC_CLIENT_SECRET", "app-secret")
-        monkeypatch.setenv("APP_BASE_URL", app_url)
-        monkeypatch.delenv("OIDC_SCOPE", raising=False)
-        servers.start(CREATE_APP[framework](clock=clock), port=port_a)
-        worker_b = servers.start(CREATE_APP[framework](clock=clock), port=port_b)
+        env = worker_env(shared_mode, servers.start(idp), clock.path)
+        with example_servers(framework, env, tmp_path, servers=4) as workers:
+            # Cookies ignore ports: every worker gets the cookies any of them set.
+            async with httpx.AsyncClient(timeout=30.0) as browser:
+                callback, pending = await log_in_across(browser, workers[1], workers[2])
+                if shared_mode.redis is not None:  # the login in progress never was in Redis
+                    assert all(k.startswith("atr:session:") for k in shared_mode.redis_keys())
 
-        # Cookies ignore ports: worker B gets the cookies worker A sets, as behind one address.
-        async with httpx.AsyncClient(timeout=10.0) as browser:
-            response = await browser.get(worker_b + "/login", follow_redirects=True)
-            assert response.status_code == 200, response.text
-            assert "Logged in" in response.text
-            hops = [r.url for r in (*response.history, response)]
-            assert [(u.port, u.path) for u in hops] == [
-                (port_b, "/login"),
-                (urlsplit(idp_url).port, "/authorize"),
-                (port_a, "/callback"),
-                (port_a, "/"),
-            ]
-            assert browser.cookies.get(shared_mode.cookie_name)
-            if shared_mode.redis is not None:
-                keys = shared_mode.redis_keys()
-                assert [k for k in keys if k.startswith("atr:session:")]
-                assert not [k for k in keys if k.startswith("atr-example:login:")]  # used up
+                # Replayed with its login cookie on a third worker, the callback opens there,
+                # but the provider takes a code once and revokes what it issued (RFC 6749
+                # §4.1.2): no session.
+                async with httpx.AsyncClient(cookies=pending, timeout=30.0) as replay:
+                    replayed = await replay.get(at(workers[0].url, callback))
+                    assert replayed.status_code == 400
+                    assert "invalid_grant" in replayed.text
+                    assert not replay.cookies.get(shared_mode.cookie_name)
+                assert idp.grants_revoked == 1
 
-            for rotation in range(1, 3):
-                clock.advance(EXPIRED)
-                responses = await asyncio.gather(
-                    *(
-                        browser.get(url + "/api/me")
-                        for _ in range(10)
-                        for url in (app_url, worker_b)
+                await log_in_across(browser, workers[3], workers[0])
+                assert browser.cookies.get(shared_mode.cookie_name)
+                for rotation in range(1, 3):
+                    clock.advance(EXPIRED)
+                    responses = await asyncio.gather(
+                        *(browser.get(w.url + "/api/me") for _ in range(10) for w in workers)
                     )
-                )
-                assert [r.status_code for r in responses] == [200] * 20
-                assert {r.json()["sub"] for r in responses} == {"alice"}
-                assert idp.token_calls("refresh_token") == rotation
-        if shared_mode.redis is not None:
-            assert [k for k in shared_mode.redis_keys() if k.endswith(":result")]  # published
-        assert idp.token_calls("authorization_code", "success") == 1
-        assert idp.grants_revoked == 0
+                    assert [r.status_code for r in responses] == [200] * 40
+                    assert subjects(responses) == {"alice"}
+                    assert idp.token_calls("refresh_token") == rotation
+                if shared_mode.redis is not None:  # the leader published for the others
+                    assert [k for k in shared_mode.redis_keys() if k.endswith(":result")]
+                assert idp.grants_revoked == 1
+
+                out = await log_out(browser, workers[1].url)
+                assert "Not logged in" in out.text
+                assert idp.calls("revoke") == 1
+                assert idp.grants_revoked == 2
+                statuses = [(await browser.get(w.url + "/api/me")).status_code for w in workers]
+                assert statuses == [401] * 4
+        assert idp.token_calls("authorization_code", "success") == 2
+    finally:
+        idp.close()
+        servers.stop()
+
+
+@SHARED_MODES
+async def test_uvicorn_workers_4_on_one_port_refresh_once_per_rotation(
+    shared_mode: SharedMode, tmp_path: Path
+) -> None:
+    """``uvicorn --workers 4`` as the README runs it: the kernel picks the worker of each
+    connection, so which worker serves what is unknown, but not what must hold."""
+    clock = shared_clock(tmp_path)
+    idp = FakeIdP(issuer=None, clock=clock)
+    servers = Servers()
+    try:
+        env = worker_env(shared_mode, servers.start(idp), clock.path)
+        with example_servers("starlette", env, tmp_path, workers=4) as [server]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30.0) as browser:
+                for _ in range(3):  # three logins, on whichever workers the kernel picks
+                    browser.cookies.clear()
+                    response = await browser.get("/auth/login", follow_redirects=True)
+                    assert "Logged in as alice" in response.text
+                for rotation in range(1, 3):
+                    clock.advance(EXPIRED)
+                    responses = await get_me(browser, 40)
+                    assert [r.status_code for r in responses] == [200] * 40
+                    assert idp.token_calls("refresh_token") == rotation
+                out = await log_out(browser)
+                assert "Not logged in" in out.text
+        assert idp.token_calls("authorization_code", "success") == 3
+        assert idp.grants_revoked == 1  # the logout; the two abandoned logins live on
     finally:
         idp.close()
         servers.stop()
@@ -500,13 +696,10 @@ async def test_two_workers_share_logins_sessions_and_refreshes(
 
 
 @pytest.fixture
-def bare_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+def bare_env(example_env: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     """No provider (the in-process FakeIdP), no secret, no Redis, no coordinator."""
-    for name in ("OIDC_ISSUER", "SESSION_SECRET", "REDIS_URL", "ATR_COORDINATOR", "OIDC_SCOPE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("APP_BASE_URL", "http://127.0.0.1:8000")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    return monkeypatch
+    example_env.setattr(tempfile, "tempdir", str(tmp_path))
+    return example_env
 
 
 @pytest.mark.parametrize(
@@ -516,6 +709,7 @@ def bare_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPa
         ({"ATR_COORDINATOR": "file"}, "ATR_COORDINATOR=file is set, so SESSION_SECRET"),
         ({"ATR_COORDINATOR": "redis", "SESSION_SECRET": SESSION_SECRET}, "needs REDIS_URL"),
         ({"ATR_COORDINATOR": "zookeeper"}, "must be local, redis or file"),
+        ({"OIDC_ISSUER": "https://idp.example"}, "OIDC_CLIENT_ID must be set"),
     ],
 )
 def test_multi_worker_modes_refuse_an_incomplete_environment(
@@ -524,26 +718,25 @@ def test_multi_worker_modes_refuse_an_incomplete_environment(
     for name, value in env.items():
         bare_env.setenv(name, value)
     with pytest.raises(RuntimeError, match=message):
-        OIDC.from_env()
+        Config.from_env()
 
 
 @pytest.mark.parametrize(
-    ("mode", "store", "coordinator", "pending"),
+    ("mode", "store", "coordinator"),
     [
-        ("memory", MemorySessionStore, LocalCoordinator, MemoryPendingLogins),
-        ("cookie", CookieSessionStore, LocalCoordinator, MemoryPendingLogins),
-        ("redis", RedisSessionStore, RedisCoordinator, RedisPendingLogins),
-        ("file", CookieSessionStore, FileCoordinator, FilePendingLogins),
-        ("file+redis", RedisSessionStore, FileCoordinator, RedisPendingLogins),
+        ("memory", MemorySessionStore, LocalCoordinator),
+        ("cookie", CookieSessionStore, LocalCoordinator),
+        ("redis", RedisSessionStore, RedisCoordinator),
+        ("file", CookieSessionStore, FileCoordinator),
+        ("file+redis", RedisSessionStore, FileCoordinator),
     ],
 )
-async def test_the_environment_selects_store_coordinator_and_pending_logins(
+async def test_the_environment_selects_store_and_coordinator(
     request: pytest.FixtureRequest,
     bare_env: pytest.MonkeyPatch,
     mode: str,
     store: type,
     coordinator: type,
-    pending: type,
 ) -> None:
     if mode != "memory":
         bare_env.setenv("SESSION_SECRET", SESSION_SECRET)
@@ -552,45 +745,63 @@ async def test_the_environment_selects_store_coordinator_and_pending_logins(
         bare_env.setenv("REDIS_URL", server.url)
     if "file" in mode:
         bare_env.setenv("ATR_COORDINATOR", "file")
-    oidc = OIDC.from_env()
+    config = Config.from_env()
     try:
-        assert type(oidc.store) is store
-        assert type(oidc.refresher.coordinator) is coordinator
-        assert type(oidc.pending) is pending
+        assert type(config.store) is store
+        assert type(config.refresher.coordinator) is coordinator
+        assert config.idp is not None  # no OIDC_ISSUER: the stand-in
+        assert config.redirect_uri is None  # no APP_BASE_URL: derived from each request
+        assert config.after_logout_uri is None
+        assert not config.secure
+        if mode == "memory":  # logins in progress are sealed with a key of this process
+            assert len(config.secret_keys) == 1
+            assert config.secret_keys != Config.from_env().secret_keys
+        else:
+            assert config.secret_keys == [SESSION_SECRET]
     finally:
-        await oidc.aclose()
+        await config.aclose()
 
 
-@pytest.mark.parametrize("mode", ["redis", "file"])
-async def test_a_pending_login_is_taken_once_by_any_worker(
-    request: pytest.FixtureRequest, bare_env: pytest.MonkeyPatch, mode: str
+def test_app_base_url_sets_the_redirect_uri_and_secure_cookies(
+    bare_env: pytest.MonkeyPatch,
 ) -> None:
-    bare_env.setenv("SESSION_SECRET", SESSION_SECRET)
-    if mode == "redis":
-        server: RedisServer = request.getfixturevalue("redis_server")
-        server.cli("FLUSHALL")
-        bare_env.setenv("REDIS_URL", server.url)
-    else:
-        bare_env.setenv("ATR_COORDINATOR", "file")
-    workers = [OIDC.from_env() for _ in range(3)]
-    try:
-        started = await workers[0].start_login()
-        # Three workers race for the callback: exactly one gets the login.
-        taken = await asyncio.gather(*(w.pending.take(started.state) for w in workers))
-        assert [t for t in taken if t is not None] == [started]
-        assert await workers[1].pending.take(started.state) is None
+    bare_env.setenv("APP_BASE_URL", "https://app.example/")
+    bare_env.setenv("SESSION_SECRET", f"{SESSION_SECRET},old-{SESSION_SECRET}")
+    config = Config.from_env()
+    assert config.redirect_uri == "https://app.example/auth/callback"
+    assert config.after_logout_uri == "https://app.example/"
+    assert config.secure
+    assert config.secret_keys == [SESSION_SECRET, f"old-{SESSION_SECRET}"]  # the first seals
 
-        # A login sealed with other keys, or for another state, is no login.
-        bare_env.setenv("SESSION_SECRET", "another-secret-" + "x" * 32)
-        stranger = OIDC.from_env()
-        try:
-            foreign = await stranger.start_login()
-            assert await workers[0].pending.take(foreign.state) is None
-        finally:
-            await stranger.aclose()
-        again = await workers[2].start_login()
-        assert await workers[0].pending.take(again.state + "x") is None
-        assert await workers[0].pending.take(again.state) == again
+
+@pytest.mark.parametrize(
+    ("finishing_secret", "status"),
+    [
+        (SESSION_SECRET, 303),
+        ("another-secret-" + "x" * 32, 400),
+        ("new-secret-" + "x" * 32 + "," + SESSION_SECRET, 303),  # rotated: the old key opens
+    ],
+)
+async def test_a_login_finishes_on_any_worker_that_shares_the_session_secret(
+    framework: str, example_env: pytest.MonkeyPatch, finishing_secret: str, status: int
+) -> None:
+    idp = FakeIdP(issuer=None)
+    servers = Servers()
+    try:
+        example_env.setenv("OIDC_ISSUER", servers.start(idp))
+        example_env.setenv("OIDC_CLIENT_ID", "app")
+        example_env.setenv("OIDC_CLIENT_SECRET", "app-secret")
+        example_env.setenv("SESSION_SECRET", SESSION_SECRET)
+        starting = servers.start(CREATE_APP[framework]())
+        example_env.setenv("SESSION_SECRET", finishing_secret)
+        finishing = servers.start(CREATE_APP[framework]())
+        async with httpx.AsyncClient(base_url=starting, timeout=10.0) as browser:
+            callback = await callback_url(browser)
+            answer = await browser.get(at(finishing, callback))
+        assert answer.status_code == status, answer.text
+        if status == 400:
+            assert "unknown or has expired" in answer.text
+            assert idp.calls("token") == 0  # refused before the code was spent
     finally:
-        for worker in workers:
-            await worker.aclose()
+        idp.close()
+        servers.stop()
