@@ -28,7 +28,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 from ._cookies import CookieWriter, SameSite, parse_cookie_header
 from ._errors import ConfigurationError, LoginFailed, RefreshUnavailable, TokenEndpointError
@@ -170,7 +170,8 @@ class OIDCLogin:
     # -- callback ---------------------------------------------------------------------------
 
     async def _callback(self, scope: Scope, accessor: Any, send: Send) -> None:
-        query = {k: v[0] for k, v in parse_qs(scope.get("query_string", b"").decode()).items()}
+        raw = scope.get("query_string", b"").decode("latin-1")  # bytes a server let through
+        query = {k: v[0] for k, v in parse_qs(raw).items()}
         state, code = query.get("state"), query.get("code")
         writer = self._writer(scope)
         if "error" in query:
@@ -327,7 +328,10 @@ def _same_origin(scope: Scope) -> bool:
     if site is not None:
         return site in (b"same-origin", b"none")
     origin = headers.get(b"origin")
-    return origin is None or origin.decode("latin-1") == _origin(scope)
+    if origin is None:
+        return True
+    # The host, not the scheme: behind a TLS proxy the app may see http for an https page.
+    return urlsplit(origin.decode("latin-1")).netloc == headers.get(b"host", b"").decode("latin-1")
 
 
 async def _redirect(send: Send, location: str, cookies: list[str]) -> None:

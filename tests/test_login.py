@@ -5,7 +5,7 @@ revocation, RP-initiated logout)."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, MutableMapping
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -421,3 +421,26 @@ async def test_a_logout_that_cannot_revoke_says_so_once_and_is_counted(
     assert captured.value("asgi_token_refresh.logouts", revocation="unsupported") == 2
     assert idp.calls("revoke") == 0
     captured.shutdown()
+
+
+async def test_a_callback_query_that_is_not_utf8_is_a_400_not_a_500(site: Site) -> None:
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": b""}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/auth/callback",
+        "root_path": "/auth",
+        "query_string": b"state=\xff\xfe&code=x",  # what httptools lets through
+        "headers": [(b"host", b"app.test")],
+        "scheme": "https",
+        "state": {"token": object()},
+    }
+    await site.login(scope, receive, send)
+    assert sent[0]["status"] == 400
