@@ -3,8 +3,10 @@
 In-process tests stand in for processes with separate Refresher + OAuth2Client pairs, each with
 its own coordinator instance, sharing one FakeIdP and FakeClock: the gate lines the processes up
 (one leads at the provider, the others wait in the coordinator) without sleeping. Multi-process
-tests run real uvicorn workers (tests/workers/) against a FakeIdP served over HTTP, in real
-time: separate processes cannot share a FakeClock, so token lifetimes are a few seconds.
+tests run real uvicorn workers (tests/workers/) against a FakeIdP served over HTTP. Separate
+processes cannot share a FakeClock; they share a SharedClock instead (tests/workers/clock.py):
+wall time that only the test moves, so a token falls due when the test says so, never in the
+middle of a round, while everything else (leases, timeouts, caches) runs in real time.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from asgi_token_refresh.testing import (
 
 from .helpers import ISSUER, login
 from .processes import RedisServer, running_redis
+from .workers.clock import SharedClock
 from .workers.cluster import Cluster, Worker
 
 pytestmark = pytest.mark.anyio
@@ -68,8 +71,9 @@ REFRESHES = "asgi_token_refresh.refreshes"
 AnyCoordinator = RedisCoordinator | FileCoordinator
 
 
-async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109
-    """Wait for ``condition`` (set by another thread or process); never a fixed sleep."""
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:  # noqa: ASYNC109
+    """Wait for ``condition`` (set by another thread or process); never a fixed sleep.
+    ``timeout`` only bounds a test that would otherwise hang."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -751,7 +755,7 @@ async def test_file_coordinator_gives_back_a_lease_its_caller_no_longer_wants(
             leases.append(await b.try_lead(key, 10.0))
             return isinstance(leases[-1], Lease)
 
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30  # only so that a lost lease fails instead of hanging
         while not await claim_again():
             assert time.monotonic() < deadline, "the abandoned lease was never given back"
             await asyncio.sleep(0.005)
@@ -785,13 +789,13 @@ async def test_a_sigkilled_file_leader_frees_the_grant_at_once(tmp_path: Path) -
         assert leader.stdout is not None
         assert await leader.stdout.readline() == b"leading\n"
         assert await ours.try_lead(key, 60.0) is None
-        waiting = asyncio.ensure_future(ours.wait(key, 30.0))
+        # The wait gives up after an hour: if it ends sooner, the lease is gone.
+        waiting = asyncio.ensure_future(ours.wait(key, 3600.0))
         await asyncio.sleep(0.05)
         assert not waiting.done()
         leader.kill()
-        killed = time.monotonic()
-        assert await waiting is None  # the lease is gone: try to lead
-        assert time.monotonic() - killed < 2.0  # at once, not after a lease TTL
+        async with asyncio.timeout(60):  # only so that a broken wait fails instead of hanging
+            assert await waiting is None  # the lease is gone: try to lead
         assert isinstance(await ours.try_lead(key, 60.0), Lease)
     finally:
         if leader.returncode is None:
@@ -801,6 +805,20 @@ async def test_a_sigkilled_file_leader_frees_the_grant_at_once(tmp_path: Path) -
 
 
 # -- real worker processes ------------------------------------------------------------------
+
+
+# Real time would make their verdict depend on the machine's speed: a round of requests that
+# outlasts the token's due time sees a second rotation, rightly. So the workers and the provider
+# read the wall time from a SharedClock that only the test moves: a token falls due when the test
+# says so, never in the middle of a round. The rest runs in real time, with the refresher's
+# timeout far above what a flight takes, so a loaded machine only makes these tests slower.
+
+TOKEN_LIFETIME = 60.0  # at most twice the workers' skew (60 s): a token is due half-way through
+STORM_TIMEOUT = 30.0  # the refresher's timeout when nothing is meant to time out
+# When the leader must stay in flight until the test kills it: the test has this long to do it.
+# A Redis lease lives 5 s longer (the refresher's margin), so that is when others take over.
+KILL_TIMEOUT = 5.0
+REDIS_LEASE = KILL_TIMEOUT + 5.0
 
 
 @pytest.fixture
@@ -813,14 +831,25 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         print(workers.logs())  # shown when the test failed
 
 
+@pytest.fixture
+def shared_clock(tmp_path: Path) -> SharedClock:
+    return SharedClock.create(tmp_path / "wall-time")
+
+
 def worker_env(
-    kind: str, idp_url: str, request: pytest.FixtureRequest, tmp_path: Path
+    kind: str,
+    idp_url: str,
+    clock: SharedClock,
+    timeout: float,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> dict[str, str]:
     env = {
         "ATR_WORKER_IDP": idp_url,
         "ATR_WORKER_COORDINATOR": kind,
         "ATR_WORKER_SECRET": SECRET,
-        "ATR_WORKER_TIMEOUT": "2",
+        "ATR_WORKER_TIMEOUT": str(timeout),
+        "ATR_WORKER_CLOCK": str(clock.path),
     }
     if kind == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
@@ -870,41 +899,48 @@ class Browser:
         assert session is not None
         return session.token_set
 
-    async def until_due(self) -> None:
-        """Real time: the workers refresh half a lifetime before expiry (the clamped skew)."""
+    async def make_due(self, clock: SharedClock) -> None:
+        """Move the wall time to when the session's token is due: half a lifetime before
+        expiry (the workers' clamped skew), and a second past it against rounding."""
         token_set = await self.token_set()
-        due = token_set.expires_at - token_set.lifetime / 2
-        await asyncio.sleep(max(0.0, due - time.time()) + 0.05)
+        due = token_set.expires_at - token_set.lifetime / 2 + 1.0
+        clock.advance(max(0.0, due - clock.time()))
 
     async def until_answered(
-        self, workers: list[Worker], patience: float = 25.0
+        self, workers: list[Worker], patience: float = 60.0
     ) -> list[httpx.Response]:
-        """Ask every worker until none answers 503 (a flight timed out, or its memory of it)."""
+        """Ask every worker until none answers 503 (a flight timed out, or its memory of it).
+        ``patience`` only bounds a test that would otherwise hang."""
         deadline = time.monotonic() + patience
         while True:
-            responses = await asyncio.gather(*(self.get(w) for w in workers))
+            responses = await self.storm(len(workers), workers)
             if all(r.status_code != 503 for r in responses):
-                return list(responses)
+                return responses
             assert time.monotonic() < deadline, [r.text for r in responses]
             await asyncio.sleep(0.2)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_4_workers_200_concurrent_requests_one_refresh_per_rotation(
-    kind: str, cluster: Cluster, request: pytest.FixtureRequest, tmp_path: Path
+    kind: str,
+    cluster: Cluster,
+    shared_clock: SharedClock,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
-    # Strict: reuse revokes the grant. 6 s tokens are due after 3 s: a round of 200 requests
-    # must finish before the token it refreshed is due again, even on a loaded CI machine.
-    idp = FakeIdP(issuer=None, access_token_lifetime=6.0)
+    # Strict: a refresh token presented twice revokes the grant. Each round starts with the
+    # token just due, and nothing falls due again until the next one, however long it takes.
+    idp = FakeIdP(issuer=None, clock=shared_clock, access_token_lifetime=TOKEN_LIFETIME)
     with serve(idp) as idp_url:
         try:
-            workers = await cluster.start(4, worker_env(kind, idp_url, request, tmp_path))
+            env = worker_env(kind, idp_url, shared_clock, STORM_TIMEOUT, request, tmp_path)
+            workers = await cluster.start(4, env)
             browser = Browser(workers)
             try:
                 await browser.log_in(idp.issue())
                 seen = {(await browser.token_set()).access_token}
                 for rotation in range(1, 6):
-                    await browser.until_due()
+                    await browser.make_due(shared_clock)
                     responses = await browser.storm(200, workers)
                     assert [r.status_code for r in responses] == [200] * 200
                     answers = [r.json() for r in responses]
@@ -913,7 +949,10 @@ async def test_4_workers_200_concurrent_requests_one_refresh_per_rotation(
                     assert tokens.isdisjoint(seen)
                     seen |= tokens
                     assert {a["worker"] for a in answers} == {"0", "1", "2", "3"}
+                    # One provider call per rotation, each with a refresh token never presented
+                    # before: a second presentation would be reuse_revoked, not success.
                     assert idp.token_calls("refresh_token") == rotation
+                    assert idp.token_calls("refresh_token", outcome="success") == rotation
                     browser.keep_cookies(responses)
                     assert (await browser.token_set()).access_token in tokens
                 assert idp.grants_revoked == 0
@@ -928,24 +967,37 @@ async def test_4_workers_200_concurrent_requests_one_refresh_per_rotation(
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("provider", ["grace-window", "strict"])
 async def test_a_leader_sigkilled_mid_flight(
-    kind: str, provider: str, cluster: Cluster, request: pytest.FixtureRequest, tmp_path: Path
+    kind: str,
+    provider: str,
+    cluster: Cluster,
+    shared_clock: SharedClock,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
 ) -> None:
     """The leader dies after the provider rotated the refresh token and before anyone saw the
     answer. The others take the grant over (FileCoordinator: at once, the kernel drops the
     dead process's lock; Redis: when its lease expires, the refresher's timeout + 5 s) and
     present the used refresh token again. With a grace window the session survives; a strict
     provider revokes the grant and the user must log in again (401)."""
-    reuse_grace = 30.0 if provider == "grace-window" else 0.0
-    idp = FakeIdP(issuer=None, access_token_lifetime=2.0, reuse_grace=reuse_grace)
+    # The grace window outlasts any takeover this test waits for (until_answered's patience).
+    reuse_grace = 600.0 if provider == "grace-window" else 0.0
+    idp = FakeIdP(
+        issuer=None,
+        clock=shared_clock,
+        access_token_lifetime=TOKEN_LIFETIME,
+        reuse_grace=reuse_grace,
+    )
     with serve(idp) as idp_url:
         try:
-            workers = await cluster.start(4, worker_env(kind, idp_url, request, tmp_path))
+            env = worker_env(kind, idp_url, shared_clock, KILL_TIMEOUT, request, tmp_path)
+            workers = await cluster.start(4, env)
             leader, survivors = workers[0], workers[1:]
             browser = Browser(workers)
             try:
                 await browser.log_in(idp.issue())
-                await browser.until_due()
+                await browser.make_due(shared_clock)
                 idp.script(Fault.hang_after_consuming())
+                sent = time.monotonic()  # the leader takes its lease after this
                 doomed = asyncio.gather(
                     *(browser.get(leader) for _ in range(20)), return_exceptions=True
                 )
@@ -954,32 +1006,51 @@ async def test_a_leader_sigkilled_mid_flight(
                 leader.kill()
                 assert all(isinstance(r, httpx.TransportError) for r in await doomed)
 
-                started = time.monotonic()
-                answers = await browser.until_answered(survivors)
-                takeover = time.monotonic() - started
-                assert idp.token_calls("refresh_token") == 2  # the takeover, once
                 if kind == "file":
-                    assert takeover < 2.0  # the kernel dropped the dead leader's lock
+                    # The kernel dropped the dead leader's lock: the first ask is answered. A
+                    # lock still held would keep them waiting until their timeout (503).
+                    answers = await browser.storm(len(survivors), survivors)
                 else:
-                    assert 5.0 < takeover < 12.0  # its lease expired (timeout 2 s + 5 s)
+                    # Nobody takes over while the dead leader's lease lives (it was taken after
+                    # `sent`; Redis counts in milliseconds), and somebody does once it is gone.
+                    answers = await browser.until_answered(survivors)
+                    assert time.monotonic() - sent >= REDIS_LEASE - 0.01
+                assert idp.token_calls("refresh_token") == 2  # the takeover, once
                 if provider == "strict":
                     assert [r.status_code for r in answers] == [401] * 3
                     assert {r.json()["error"] for r in answers} == {"reauthentication_required"}
+                    assert idp.token_calls("refresh_token", outcome="reuse_revoked") == 1
                     assert idp.grants_revoked == 1
                     return
                 assert [r.status_code for r in answers] == [200] * 3
                 assert len({r.json()["access_token"] for r in answers}) == 1
+                assert idp.token_calls("refresh_token", outcome="reuse_allowed") == 1
                 assert idp.grants_revoked == 0
-                # The session lives on: the next rotation is one provider call again.
+                # The session lives on: the next rotation is one provider call again, with the
+                # refresh token the takeover got.
                 browser.keep_cookies(answers)
-                await browser.until_due()
+                await browser.make_due(shared_clock)
                 responses = await browser.storm(60, survivors)
                 assert [r.status_code for r in responses] == [200] * 60
                 assert len({r.json()["access_token"] for r in responses}) == 1
                 assert idp.token_calls("refresh_token") == 3
+                assert idp.token_calls("refresh_token", outcome="success") == 1
                 assert idp.grants_revoked == 0
             finally:
                 await browser.aclose()
         finally:
             idp.close()
             cluster.stop()
+
+
+async def test_logout_in_one_process_is_final_in_the_others(
+    processes: Processes, idp: FakeIdP, clock: FakeClock
+) -> None:
+    a, b = processes.new(), processes.new()
+    session = login(idp, clock)
+    await a.refresher.end_session(session, revoke=False)  # B never saw this logout
+    clock.advance(EXPIRED)
+    with pytest.raises(ReauthenticationRequired) as caught:
+        await b.refresher.ensure_fresh(session)  # a tab on B with the pre-logout cookie
+    assert caught.value.reason == "no_session"
+    assert idp.token_calls("refresh_token") == 0  # B took the published answer

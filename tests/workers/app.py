@@ -10,6 +10,7 @@ Configured only by the environment, so that every worker is the same app:
 ``ATR_WORKER_DIRECTORY``    for ``file``
 ``ATR_WORKER_SECRET``       seals the session cookie and the published outcomes (all workers)
 ``ATR_WORKER_TIMEOUT``      the refresher's ``timeout`` (seconds; a Redis lease lives 5 s more)
+``ATR_WORKER_CLOCK``        the file holding the wall time, which only the test moves (``clock.py``)
 ``ATR_WORKER_ID``           echoed in every answer
 
 Routes: ``POST /login`` starts a session from a token-endpoint response (JSON body),
@@ -38,6 +39,8 @@ from asgi_token_refresh import (
 )
 from asgi_token_refresh.redis import RedisCoordinator
 
+from .clock import SharedClock
+
 
 def create_app() -> Starlette:
     env = os.environ
@@ -50,8 +53,12 @@ def create_app() -> Starlette:
         )
     else:
         coordinator = FileCoordinator(env["ATR_WORKER_DIRECTORY"], secret_keys=[secret])
+    # Tokens are issued, and fall due, on the test's wall time: never in the middle of a round.
     client = OAuth2Client.from_discovery(
-        env["ATR_WORKER_IDP"], client_id="app", client_secret="app-secret"
+        env["ATR_WORKER_IDP"],
+        client_id="app",
+        client_secret="app-secret",
+        clock=SharedClock(env["ATR_WORKER_CLOCK"]),
     )
     refresher = Refresher(
         client,
