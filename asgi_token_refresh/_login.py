@@ -26,15 +26,28 @@ import logging
 import math
 import re
 import secrets
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, urlencode
 
-from ._cookies import CookieWriter, SameSite, parse_cookie_header
+from ._cookies import CookieWriter, SameSite
 from ._errors import ConfigurationError, LoginFailed, RefreshUnavailable, TokenEndpointError
 from ._id_token import IdTokenVerifier
+from ._login_http import (
+    Receive,
+    Scope,
+    Send,
+    mount_path,
+    origin,
+    redirect,
+    request_cookies,
+    route_path,
+    safe_return_path,
+    same_origin,
+    text,
+    unavailable,
+)
 from ._oauth import OAuth2Client
-from ._oauth_messages import MAX_RETRY_AFTER
 from ._sealing import Sealer
 from ._tokens import TokenSet
 
@@ -42,10 +55,6 @@ __all__ = ["OIDCLogin", "safe_return_path"]
 
 logger = logging.getLogger(__name__)
 
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 _PENDING_PREFIX = "atr_login_"
 _ERROR_CODE = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
@@ -55,22 +64,8 @@ _UNKNOWN_LOGIN = (
 )
 
 
-def safe_return_path(value: str | None) -> str:
-    """``value`` if it is a path on this site, else ``/``: never ``//host``, ``/\\host``, a
-    scheme, or any of those once percent-decoded (an open redirect otherwise)."""
-    if not value:
-        return "/"
-    decoded = value
-    for _ in range(3):  # nested encodings: %252F...
-        if not decoded.startswith("/") or decoded.startswith(("//", "/\\")):
-            return "/"
-        if "\\" in decoded or any(ord(c) < 0x20 or ord(c) == 0x7F for c in decoded):
-            return "/"
-        once = unquote(decoded)
-        if once == decoded:
-            return value
-        decoded = once
-    return "/"
+def _pending_cookie(state: str) -> str:
+    return _PENDING_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]
 
 
 class OIDCLogin:
@@ -126,16 +121,16 @@ class OIDCLogin:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        route = _route_path(scope)
+        route = route_path(scope)
         method = scope.get("method", "GET")
         handlers = {"/login": ("GET", self._login), "/callback": ("GET", self._callback)}
         handlers["/logout"] = ("POST", self._logout)
         if route not in handlers:
-            await _text(send, 404, "Not found")
+            await text(send, 404, "Not found")
             return
         allowed, handler = handlers[route]
         if method != allowed:
-            await _text(send, 405, f"Use {allowed}", [(b"allow", allowed.encode())])
+            await text(send, 405, f"Use {allowed}", [(b"allow", allowed.encode())])
             return
         accessor = scope.get("state", {}).get(self.state_key)
         if accessor is None:
@@ -147,11 +142,11 @@ class OIDCLogin:
     async def _login(self, scope: Scope, accessor: Any, send: Send) -> None:
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
         return_to = safe_return_path((query.get("next") or [None])[0])
-        redirect_uri = self.redirect_uri or _origin(scope) + _mount(scope) + "/callback"
+        redirect_uri = self.redirect_uri or origin(scope) + mount_path(scope) + "/callback"
         try:
             start = await self.client.authorization_url(redirect_uri, scope=self.scope)
         except RefreshUnavailable as exc:
-            await _unavailable(send, exc)
+            await unavailable(send, exc)
             return
         pending = {
             "state": start.state,
@@ -165,7 +160,7 @@ class OIDCLogin:
         sealed = self._sealer.seal(json.dumps(pending).encode(), name.encode())
         value = base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
         cookie = self._writer(scope).set(name, value, self.login_ttl)
-        await _redirect(send, start.url, [cookie])
+        await redirect(send, start.url, [cookie])
 
     # -- callback ---------------------------------------------------------------------------
 
@@ -177,36 +172,36 @@ class OIDCLogin:
         if "error" in query:
             error = query["error"] if _ERROR_CODE.fullmatch(query["error"]) else "error"
             gone = [writer.delete(_pending_cookie(state))] if state else []
-            await _text(send, 400, f"The provider refused the login ({error}).", cookies=gone)
+            await text(send, 400, f"The provider refused the login ({error}).", cookies=gone)
             return
         if not state or not code:
-            await _text(send, 400, "The login callback needs a code and a state.")
+            await text(send, 400, "The login callback needs a code and a state.")
             return
         name = _pending_cookie(state)
         pending = self._open_pending(scope, name, state)  # the binding, checked first
         if pending is None:
-            await _text(send, 400, _UNKNOWN_LOGIN)
+            await text(send, 400, _UNKNOWN_LOGIN)
             return
         consumed = [writer.delete(name)]  # from here on the pending login is used up
         try:
             tokens = await self._redeem(code, pending)
         except LoginFailed as exc:
             logger.info("login refused: %s", exc.reason)
-            await _text(send, 400, f"Login failed: {exc.reason}.", cookies=consumed)
+            await text(send, 400, f"Login failed: {exc.reason}.", cookies=consumed)
             return
         except RefreshUnavailable as exc:
-            await _unavailable(send, exc, consumed)
+            await unavailable(send, exc, consumed)
             return
         try:
             await accessor.login(tokens)
         except LoginFailed as exc:  # the store cannot hold them
             logger.warning("login refused: %s", exc.reason)
-            await _text(send, 400, f"Login failed: {exc.reason}.", cookies=consumed)
+            await text(send, 400, f"Login failed: {exc.reason}.", cookies=consumed)
             return
-        await _redirect(send, pending["next"], consumed)
+        await redirect(send, pending["next"], consumed)
 
     def _open_pending(self, scope: Scope, name: str, state: str) -> dict[str, Any] | None:
-        blob = _request_cookies(scope).get(name)
+        blob = request_cookies(scope).get(name)
         if not blob:
             return None
         try:
@@ -253,8 +248,8 @@ class OIDCLogin:
     # -- logout -----------------------------------------------------------------------------
 
     async def _logout(self, scope: Scope, accessor: Any, send: Send) -> None:
-        if not _same_origin(scope):
-            await _text(send, 403, "Cross-site logout requests are refused.")
+        if not same_origin(scope):
+            await text(send, 403, "Cross-site logout requests are refused.")
             return
         token_set = await accessor.token_set()
         await accessor.logout()
@@ -268,108 +263,17 @@ class OIDCLogin:
             if token_set.id_token:
                 params["id_token_hint"] = token_set.id_token
             params["post_logout_redirect_uri"] = (
-                self.post_logout_redirect_uri or _origin(scope) + self.after_logout
+                self.post_logout_redirect_uri or origin(scope) + self.after_logout
             )
             separator = "&" if "?" in metadata.end_session_endpoint else "?"
             target = metadata.end_session_endpoint + separator + urlencode(params)
-        await _redirect(send, target, [])
+        await redirect(send, target, [])
 
     def _writer(self, scope: Scope) -> CookieWriter:
         return CookieWriter(
-            path=_mount(scope) or "/",
+            path=mount_path(scope) or "/",
             domain=None,
             secure=self._secure,
             same_site=self._same_site,
             max_age=self.login_ttl,
         )
-
-
-# -- plumbing ----------------------------------------------------------------------------------
-
-
-def _pending_cookie(state: str) -> str:
-    return _PENDING_PREFIX + hashlib.sha256(state.encode()).hexdigest()[:16]
-
-
-def _route_path(scope: Scope) -> str:
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(root) else path
-
-
-def _mount(scope: Scope) -> str:
-    root: str = scope.get("root_path", "")
-    return root.rstrip("/")
-
-
-def _headers(scope: Scope) -> dict[bytes, bytes]:
-    return {name.lower(): value for name, value in scope.get("headers", ())}
-
-
-def _request_cookies(scope: Scope) -> dict[str, str]:
-    values = [v for n, v in scope.get("headers", ()) if n == b"cookie"]
-    return parse_cookie_header(b"; ".join(values).decode("latin-1")) if values else {}
-
-
-def _origin(scope: Scope) -> str:
-    host = _headers(scope).get(b"host", b"").decode("latin-1")
-    if not host and scope.get("server"):
-        server_host, port = scope["server"]
-        host = f"{server_host}:{port}"
-    return f"{scope.get('scheme', 'http')}://{host}"
-
-
-def _same_origin(scope: Scope) -> bool:
-    """A browser says where a request comes from: ``Sec-Fetch-Site`` (every current browser),
-    else ``Origin`` (sent with every cross-origin POST). A request with neither is not a
-    browser's cross-site request."""
-    headers = _headers(scope)
-    site = headers.get(b"sec-fetch-site")
-    if site is not None:
-        return site in (b"same-origin", b"none")
-    origin = headers.get(b"origin")
-    if origin is None:
-        return True
-    # The host, not the scheme: behind a TLS proxy the app may see http for an https page.
-    return urlsplit(origin.decode("latin-1")).netloc == headers.get(b"host", b"").decode("latin-1")
-
-
-async def _redirect(send: Send, location: str, cookies: list[str]) -> None:
-    headers = [(b"location", location.encode("latin-1")), (b"cache-control", b"no-store")]
-    headers += [(b"set-cookie", c.encode("latin-1")) for c in cookies]
-    headers.append((b"content-length", b"0"))
-    await send({"type": "http.response.start", "status": 303, "headers": headers})
-    await send({"type": "http.response.body", "body": b""})
-
-
-async def _text(
-    send: Send,
-    status: int,
-    text: str,
-    extra: list[tuple[bytes, bytes]] | None = None,
-    *,
-    cookies: list[str] | None = None,
-) -> None:
-    body = text.encode()
-    headers = [
-        (b"content-type", b"text/plain; charset=utf-8"),
-        (b"content-length", str(len(body)).encode()),
-        (b"cache-control", b"no-store"),
-        *(extra or []),
-        *((b"set-cookie", c.encode("latin-1")) for c in cookies or []),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _unavailable(
-    send: Send, exc: RefreshUnavailable, cookies: list[str] | None = None
-) -> None:
-    retry_after = str(min(int(MAX_RETRY_AFTER), max(1, math.ceil(exc.retry_after))))
-    await _text(
-        send,
-        503,
-        "The login provider is unavailable. Please try again shortly.",
-        [(b"retry-after", retry_after.encode())],
-        cookies=cookies,
-    )

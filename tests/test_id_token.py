@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from asgi_token_refresh import LoginFailed, OAuth2Client
 from asgi_token_refresh._id_token import IdTokenVerifier
-from asgi_token_refresh._login import safe_return_path
+from asgi_token_refresh._login_http import safe_return_path
 from asgi_token_refresh.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
