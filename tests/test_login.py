@@ -144,7 +144,10 @@ async def test_the_return_path_never_leaves_the_site(site: Site, asked: str) -> 
     assert back.headers["location"] == "/"
 
 
-async def test_ten_thousand_anonymous_logins_cancel_nobody_elses(site: Site) -> None:
+async def test_ten_thousand_anonymous_logins_cancel_nobody_elses(
+    idp: FakeIdP, clock: FakeClock
+) -> None:
+    site = Site(idp, clock, MemorySessionStore(clock=clock))  # pending logins: cookies anyway
     async with site.browser() as victim:
         callback = await site.start(victim)
         async with site.browser() as crowd:
