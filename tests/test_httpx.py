@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -153,6 +153,51 @@ async def test_streamed_bodies_are_not_replayed_when_buffering_is_off(
     assert response.status_code == 401  # returned as is: the stream was consumed
     assert len(api.seen) == 1
     assert idp.calls("token") == 0
+
+
+async def test_a_401_on_a_streamed_upload_is_refreshed_and_retried_once_with_the_whole_body(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock
+) -> None:
+    api = RecordingAPI(idp, reject=1)
+
+    async def upload() -> AsyncIterator[bytes]:
+        yield b"chunk-1 "
+        yield b"chunk-2"
+
+    session = login(idp, clock)
+    auth = TokenAuth(SessionTokens(refresher, session))  # replay_body=True, the default
+    async with api_client(api, auth) as client:
+        response = await client.post("/me", content=upload())
+    assert response.status_code == 200
+    assert [body for _, body in api.seen] == [b"chunk-1 chunk-2"] * 2
+    first, second = (authorization for authorization, _ in api.seen)
+    assert first == f"Bearer {session.access_token}"
+    assert second != first
+    assert idp.token_calls("refresh_token") == 1
+
+
+def test_a_401_on_a_sync_streamed_upload_is_retried_once_with_the_whole_body(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock
+) -> None:
+    seen: list[tuple[str, bytes]] = []
+
+    class API(httpx.BaseTransport):  # reads the body off the wire, as a real transport does
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            stream = request.stream
+            assert isinstance(stream, httpx.SyncByteStream)
+            seen.append((request.headers["authorization"], b"".join(stream)))
+            return httpx.Response(401 if len(seen) == 1 else 200)
+
+    def upload() -> Iterator[bytes]:
+        yield b"part-1 "
+        yield b"part-2"
+
+    auth = TokenAuth(SessionTokens(refresher, login(idp, clock)).sync)
+    with httpx.Client(transport=API(), auth=auth) as client:
+        response = client.post("https://api.test/upload", content=upload())
+    assert response.status_code == 200
+    assert [body for _, body in seen] == [b"part-1 part-2"] * 2
+    assert idp.token_calls("refresh_token") == 1
 
 
 async def test_machine_tokens_refresh_a_rejected_token_once(

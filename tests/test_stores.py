@@ -289,3 +289,14 @@ async def test_a_logged_out_memory_session_never_comes_back_through_a_late_write
     assert cookies == [f"{store.cookie_name}=; Max-Age=0; Path=/; HttpOnly; Secure; SameSite=Lax"]
     assert await store.read(session) is None
     assert len(store) == 0
+
+
+@pytest.mark.parametrize("refresh_expires_in", [0.4, 1e-9])
+async def test_a_refresh_token_living_under_a_second_never_writes_max_age_0(
+    refresh_expires_in: float,
+) -> None:
+    store = CookieSessionStore([KEY_A])
+    short = TokenSet("at", NOW + 300, NOW, "rt", extra={"refresh_expires_in": refresh_expires_in})
+    _, cookies = await store.save({}, None, short, new_session=True)
+    assert cookies
+    assert all("Max-Age=1;" in cookie for cookie in cookies)  # not 0: that deletes it
