@@ -679,3 +679,33 @@ async def test_a_logged_out_redis_session_never_comes_back_through_a_late_write(
     assert cookies
     assert "Max-Age=0" in cookies[0]
     assert session_keys(raw) == []
+
+
+@pytest.mark.parametrize("coordinated", [False, True])
+async def test_a_refresh_answered_before_logout_never_brings_a_redis_session_back(
+    idp: FakeIdP, clock: FakeClock, redis_url: str, raw: redis.Redis, coordinated: bool
+) -> None:
+    from .test_middleware import HeldAnswers
+
+    held = HeldAnswers(idp.transport())
+    client = OAuth2Client.from_discovery(
+        "https://idp.test", client_id="app", client_secret="app-secret", transport=held, clock=clock
+    )
+    coordinator = RedisCoordinator(redis_url, secret_keys=[SECRET]) if coordinated else None
+    refresher = Refresher(client, jitter=0.0, coordinator=coordinator)
+    store = RedisSessionStore(redis_url, secret_keys=[SECRET])
+    async with browser(worker_app(idp, refresher, store)) as alice:
+        await alice.get("/login")
+        clock.advance(EXPIRED)
+        parked = asyncio.create_task(alice.get("/token"))
+        await held.answered.wait()  # the provider rotated the grant and answered
+        await alice.get("/logout")
+        held.release.set()
+        answer = await parked
+        later = await alice.get("/token")
+    await store.aclose()
+    if coordinator is not None:
+        await coordinator.aclose()
+    assert answer.status_code == later.status_code == 401
+    assert session_keys(raw) == []  # not persisted by the flight, not written back
+    assert idp.token_calls("refresh_token", "success") == 1
