@@ -82,14 +82,7 @@ class Exchange:
         another process). Raises ``ReauthenticationRequired`` or ``RefreshUnavailable``."""
         assert token_set.refresh_token is not None
         coordinator = self.coordinator if self._down_until <= self._clock.monotonic() else _LOCAL
-        key = coordinator.grant_key(
-            self.client.provider_url,
-            self.client.client_id,
-            token_set.refresh_token,
-            params.scope,
-            params.resource,
-            params.audience,
-        )
+        key = self._grant_key(coordinator, token_set.refresh_token, params)
         try:
             claim = await self._claim(coordinator, key)
         except Exception as exc:  # Redis down, say: carry on with the local flight alone
@@ -124,14 +117,7 @@ class Exchange:
         coordinator = self.coordinator
         if coordinator is _LOCAL or self._down_until > self._clock.monotonic():
             return
-        key = coordinator.grant_key(
-            self.client.provider_url,
-            self.client.client_id,
-            token_set.refresh_token,
-            params.scope,
-            params.resource,
-            params.audience,
-        )
+        key = self._grant_key(coordinator, token_set.refresh_token, params)
         try:
             claim = await coordinator.try_lead(key, self._lease_ttl)
         except Exception as exc:
@@ -140,6 +126,17 @@ class Exchange:
         if isinstance(claim, Lease):  # (else another process is at it: its outcome stands)
             logged_out = ReauthenticationRequired("no_session", "logged out")
             await self._settle(coordinator, coordinator.publish(claim, logged_out, self._grace_ttl))
+
+    def _grant_key(self, coordinator: Coordinator, refresh_token: str, params: TokenParams) -> str:
+        client = self.client
+        return coordinator.grant_key(
+            client.provider_url,
+            client.client_id,
+            refresh_token,
+            params.scope,
+            params.resource,
+            params.audience,
+        )
 
     async def _claim(self, coordinator: Coordinator, key: str) -> Lease | Published:
         while True:  # bounded by the flight's timeout
