@@ -293,6 +293,9 @@ class OAuth2Client:
         secrets = [v for k, v in request.form.items() if k in _SECRET_FIELDS]
         if self._client_secret:
             secrets.append(self._client_secret)
+        authorization = request.headers.get("Authorization", "")
+        if authorization.startswith("Basic "):
+            secrets.append(authorization.removeprefix("Basic "))  # the secret, base64-encoded
         raise_for_token_response(status, headers, body, now=self.clock.time(), secrets=secrets)
         return status, body
 

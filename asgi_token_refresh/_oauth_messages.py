@@ -243,17 +243,18 @@ def raise_for_token_response(
     if 200 <= status < 300:
         return
     error, description, uri = "invalid_response", None, None
+    secrets = list(secrets)
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):  # not JSON, not UTF-8, digits or nesting too deep
         payload = None
     if isinstance(payload, Mapping):
         code = payload.get("error")
-        if isinstance(code, str) and _ERROR_CODE.fullmatch(code):
+        # A code that echoes a secret is no code: it would reach error texts unredacted.
+        if isinstance(code, str) and _ERROR_CODE.fullmatch(code) and redact(code, secrets) == code:
             error = code
             description = payload.get("error_description")
             uri = payload.get("error_uri")
-    secrets = list(secrets)
     classify_token_error(
         TokenEndpointError(
             error,

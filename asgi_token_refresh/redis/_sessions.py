@@ -57,7 +57,9 @@ class RedisSessionBackend:
         key = self._key(session_id)
         try:
             sealed = await self._redis.client().hget(key, "token_set")
-        except redis.exceptions.ResponseError:  # WRONGTYPE: not ours, not a session
+        except redis.exceptions.ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):  # BUSY, NOPERM...: Redis fails, not the value
+                raise self._unavailable(exc) from None
             logger.warning("a session key in Redis holds another type of value; no session")
             return None
         except redis.exceptions.RedisError as exc:
