@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import httpx
 
-from ._cookies import parse_cookie_header
+from ._cookies import request_cookies
 from ._errors import (
     ConfigurationError,
     LoginFailed,
@@ -102,21 +102,7 @@ class TokenAccessor:
     @property
     def cookies(self) -> dict[str, str]:
         if self._cookies is None:
-            # HTTP/2 may split cookies over several headers: parsed as one, in order (the first
-            # value of a name wins), in linear time however many there are.
-            header: bytes | None = None
-            more: list[bytes] | None = None
-            for name, value in self._scope.get("headers", ()):
-                if name == b"cookie":
-                    if header is None:
-                        header = value
-                    elif more is None:
-                        more = [header, value]
-                    else:
-                        more.append(value)
-            if more is not None:
-                header = b"; ".join(more)
-            self._cookies = parse_cookie_header(header.decode("latin-1")) if header else {}
+            self._cookies = request_cookies(self._scope.get("headers", ()))
         return self._cookies
 
     async def _load(self) -> TokenSet | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from typing import Literal
 
 from ._errors import ConfigurationError
@@ -12,6 +13,7 @@ __all__ = [
     "CookieWriter",
     "SameSite",
     "parse_cookie_header",
+    "request_cookies",
     "session_max_age",
     "validate_cookie_options",
 ]
@@ -19,6 +21,25 @@ __all__ = [
 SameSite = Literal["lax", "strict", "none"]
 #: How long a session cookie lives when the provider does not say (30 days).
 DEFAULT_MAX_AGE = 30 * 24 * 3600
+
+
+def request_cookies(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The cookies of an ASGI request's ``headers``. HTTP/2 may split them over several
+    ``cookie`` headers: parsed as one, in order (the first value of a name wins), in linear
+    time however many there are."""
+    header: bytes | None = None
+    more: list[bytes] | None = None
+    for name, value in headers:
+        if name == b"cookie":
+            if header is None:
+                header = value
+            elif more is None:
+                more = [header, value]
+            else:
+                more.append(value)
+    if more is not None:
+        header = b"; ".join(more)
+    return parse_cookie_header(header.decode("latin-1")) if header else {}
 
 
 def parse_cookie_header(header: str) -> dict[str, str]:

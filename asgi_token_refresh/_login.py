@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlencode
 
-from ._cookies import CookieWriter, SameSite
+from ._cookies import CookieWriter, SameSite, request_cookies
 from ._errors import ConfigurationError, LoginFailed, RefreshUnavailable, TokenEndpointError
 from ._id_token import IdTokenVerifier
 from ._login_http import (
@@ -40,7 +40,6 @@ from ._login_http import (
     mount_path,
     origin,
     redirect,
-    request_cookies,
     route_path,
     safe_return_path,
     same_origin,
@@ -201,7 +200,7 @@ class OIDCLogin:
         await redirect(send, pending["next"], consumed)
 
     def _open_pending(self, scope: Scope, name: str, state: str) -> dict[str, Any] | None:
-        blob = request_cookies(scope).get(name)
+        blob = request_cookies(scope.get("headers", ())).get(name)
         if not blob:
             return None
         try:

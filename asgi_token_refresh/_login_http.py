@@ -12,7 +12,6 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from ._cookies import parse_cookie_header
 from ._errors import RefreshUnavailable
 from ._oauth_messages import MAX_RETRY_AFTER
 
@@ -23,7 +22,6 @@ __all__ = [
     "mount_path",
     "origin",
     "redirect",
-    "request_cookies",
     "route_path",
     "safe_return_path",
     "same_origin",
@@ -68,11 +66,6 @@ def mount_path(scope: Scope) -> str:
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
     return {name.lower(): value for name, value in scope.get("headers", ())}
-
-
-def request_cookies(scope: Scope) -> dict[str, str]:
-    values = [v for n, v in scope.get("headers", ()) if n == b"cookie"]
-    return parse_cookie_header(b"; ".join(values).decode("latin-1")) if values else {}
 
 
 def origin(scope: Scope) -> str:
