@@ -46,7 +46,9 @@ class Sealer:
             AESGCM(hashlib.blake2b(k, digest_size=32, person=person).digest()) for k in raw
         ]
         # A separate derived key names things (Redis keys, file names) without revealing them.
-        self._naming_key = hashlib.blake2b(raw[0], digest_size=32, person=b"atr-naming").digest()
+        self._naming_keys = [
+            hashlib.blake2b(k, digest_size=32, person=b"atr-naming").digest() for k in raw
+        ]
 
     def __repr__(self) -> str:
         return f"Sealer(keys={len(self._ciphers)})"
@@ -71,7 +73,16 @@ class Sealer:
     def name(self, *parts: str | None) -> str:
         """A stable, secret-keyed name for ``parts`` (the same in every process sharing the
         first key); reveals nothing about them."""
-        mac = hmac.new(self._naming_key, digestmod=hashlib.sha256)
+        return self._name(self._naming_keys[0], parts)
+
+    def names(self, *parts: str | None) -> list[str]:
+        """:meth:`name` under every key, the current one first: what was stored before the
+        keys rotated (a new key prepended) is found under an older name."""
+        return [self._name(key, parts) for key in self._naming_keys]
+
+    @staticmethod
+    def _name(key: bytes, parts: tuple[str | None, ...]) -> str:
+        mac = hmac.new(key, digestmod=hashlib.sha256)
         for part in parts:
             raw = b"\x00" if part is None else b"\x01" + part.encode()
             mac.update(len(raw).to_bytes(4, "big") + raw)

@@ -27,7 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from asgi_token_refresh import RefreshUnavailable, TokenSet
+from asgi_token_refresh import RefreshUnavailable, Session, TokenSet
 from asgi_token_refresh.redis import RedisSessionStore
 from asgi_token_refresh.testing import FakeClock, capture_telemetry
 
@@ -328,11 +328,6 @@ async def test_a_late_write_of_the_older_of_two_generations_issued_together_neve
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: RedisSessionStore names keys with the first secret key only, so "
-    "prepending a new key (how keys rotate) hides every existing session",
-)
 async def test_prepending_a_new_key_keeps_every_redis_session(redis_server: RedisServer) -> None:
     now = time.time()
     token_set = TokenSet("at_" + "a" * 30, now + 300, now, "rt_" + "r" * 40)
@@ -340,13 +335,20 @@ async def test_prepending_a_new_key_keeps_every_redis_session(redis_server: Redi
     after = RedisSessionStore(
         redis_server.url, secret_keys=[reliability.SESSION_KEY, reliability.OLD_KEY]
     )
+    only_new = RedisSessionStore(redis_server.url, secret_keys=[reliability.SESSION_KEY])
     try:
         session, _ = await before.save({}, None, token_set, new_session=True)
         assert session is not None
-        assert await after.load({"atr_sid": session.id or ""}) == session
+        jar = {"atr_sid": session.id or ""}
+        assert await after.load(jar) == session  # found under the old key's name, moved
+        newer = TokenSet("at_" + "b" * 30, now + 600, now + 300, "rt_" + "s" * 40)
+        await after.persist(session, newer)  # a refresh after the rotation is kept
+        assert await only_new.load(jar) == Session(newer, session.id)  # the old key dropped
+        await only_new.save(jar, session, None)  # logout removes it under every name
+        assert await after.load(jar) is None
     finally:
-        await before.aclose()
-        await after.aclose()
+        for store in (before, after, only_new):
+            await store.aclose()
 
 
 def test_the_script_reports_every_count_and_writes_its_section(tmp_path: Path) -> None:

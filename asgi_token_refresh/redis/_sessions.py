@@ -23,6 +23,14 @@ logger = logging.getLogger(__name__)
 _STORE_RETRY_AFTER = 2.0  # seconds a browser waits before it asks again while Redis is down
 
 
+# A moved session whose old key had no TTL (it always has one) keeps this many seconds.
+_MOVED_TTL = 30 * 24 * 3600.0
+
+
+def _serialised(token_set: TokenSet) -> bytes:
+    return json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
+
+
 class RedisSessionBackend:
     """Token sets by session id in Redis hashes: sealed at rest, under a keyed hash of the
     session id (reading Redis yields neither tokens nor usable session ids), compare-and-set
@@ -53,8 +61,33 @@ class RedisSessionBackend:
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}:session:{self._sealer.name('session', session_id)}"
 
+    def _keys(self, session_id: str) -> list[str]:
+        """The session's key under every secret key, the current one first."""
+        return [f"{self.prefix}:session:{n}" for n in self._sealer.names("session", session_id)]
+
     async def get(self, session_id: str) -> TokenSet | None:
-        key = self._key(session_id)
+        keys = self._keys(session_id)
+        for key in keys:  # older names hold what was stored before the keys rotated
+            token_set = await self._read(key)
+            if token_set is not None:
+                if key != keys[0]:
+                    await self._move(key, keys[0], token_set)
+                return token_set
+        return None
+
+    async def _move(self, old: str, new: str, token_set: TokenSet) -> None:
+        """Bring a session stored under an older key's name to the current one, once."""
+        client = self._redis.client()
+        try:
+            remaining = await client.pttl(old)
+            sealed = self._sealer.seal(_serialised(token_set), new.encode())
+            ttl = remaining if remaining and remaining > 0 else ms(_MOVED_TTL)
+            await client.eval(STORE_SESSION, 1, new, repr(token_set.issued_at), sealed, ttl, 1)
+            await client.delete(old)
+        except redis.exceptions.RedisError as exc:
+            raise self._unavailable(exc) from None
+
+    async def _read(self, key: str) -> TokenSet | None:
         try:
             sealed = await self._redis.client().hget(key, "token_set")
         except redis.exceptions.ResponseError as exc:
@@ -74,8 +107,7 @@ class RedisSessionBackend:
 
     async def put(self, session_id: str, token_set: TokenSet, ttl: float, *, create: bool) -> bool:
         key = self._key(session_id)
-        plaintext = json.dumps(token_set.to_dict(), separators=(",", ":")).encode()
-        sealed = self._sealer.seal(plaintext, key.encode())
+        sealed = self._sealer.seal(_serialised(token_set), key.encode())
         try:
             stored = await self._redis.client().eval(
                 STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl), int(create)
@@ -86,7 +118,8 @@ class RedisSessionBackend:
 
     async def delete(self, session_id: str) -> None:
         try:
-            await self._redis.client().delete(self._key(session_id))
+            for key in self._keys(session_id):  # one by one: in a cluster they are in any slot
+                await self._redis.client().delete(key)
         except redis.exceptions.RedisError as exc:
             raise self._unavailable(exc) from None
 
