@@ -43,24 +43,40 @@ REFRESH_INTERVAL = "asgi_token_refresh.refresh.interval"
 TOKEN_FRESH = "asgi_token_refresh.token.fresh"
 COORDINATOR_ERRORS = "asgi_token_refresh.coordinator.errors"
 LOGOUTS = "asgi_token_refresh.logouts"
+#: Every metric the library records (a new one needs a dashboard panel: tests check).
+METRICS = (
+    REFRESHES,
+    TOKEN_REQUESTS,
+    TERMINAL_FAILURES,
+    REFRESH_DURATION,
+    REFRESH_ACTIVE,
+    REFRESH_WAITERS,
+    REFRESH_INTERVAL,
+    TOKEN_FRESH,
+    COORDINATOR_ERRORS,
+    LOGOUTS,
+)
 
 # Span names.
 SPAN_REFRESH = "asgi_token_refresh.refresh"
 SPAN_ACQUIRE = "asgi_token_refresh.acquire"
 
-# Attribute keys. ``error.type`` is the OpenTelemetry semantic-convention key.
-OUTCOME = (
-    "outcome"  # success | invalid_grant | invalid_client | provider_error | timeout | network_error
-)
-GRANT = "grant"  # refresh_token | client_credentials
-PROVIDER = "provider"  # OAuth2Client.name: a configured label, never a URL with secrets
-DEDUPE = "dedupe"  # leader | joined | grace_cache | negative_cache | distributed
-COMPONENT = "component"  # asgi | httpx
-COORDINATOR = "coordinator"  # local | redis | file
+# Attribute keys. ``error.type`` and ``server.address`` are OpenTelemetry semantic-convention
+# keys; the library's own are namespaced (Prometheus labels: dots become underscores, e.g.
+# ``asgi_token_refresh_outcome``).
+_NS = "asgi_token_refresh."
+# success | invalid_grant | invalid_client | provider_error | timeout | network_error
+OUTCOME = _NS + "outcome"
+GRANT = _NS + "grant"  # refresh_token | client_credentials
+PROVIDER = _NS + "provider"  # OAuth2Client.name: a configured label, never a URL with secrets
+DEDUPE = _NS + "dedupe"  # leader | joined | grace_cache | negative_cache | distributed
+COMPONENT = _NS + "component"  # asgi | httpx | login
+COORDINATOR = _NS + "coordinator"  # local | redis | file
+REVOCATION = _NS + "revocation"  # revoked | unsupported | failed | skipped
+ROTATED = _NS + "rotated"
+WAITERS = _NS + "waiters"
 ERROR_TYPE = "error.type"
-REVOCATION = "revocation"  # revoked | unsupported | failed | skipped
-ROTATED = "rotated"
-WAITERS = "waiters"
+SERVER_ADDRESS = "server.address"
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTERVAL_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)

@@ -42,9 +42,9 @@ PROVIDER_ERROR_RATIO = 0.1
 SLOW_P99_SECONDS = 2.0
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
-FILTER = 'job=~"$job", instance=~"$instance", provider=~"$provider"'
+FILTER = 'job=~"$job", instance=~"$instance", asgi_token_refresh_provider=~"$provider"'
 # The provider label is the OAuth2Client's name, present on every series.
-BY_PROVIDER = "provider"
+BY_PROVIDER = "asgi_token_refresh_provider"
 
 REFRESHES = "asgi_token_refresh_refreshes_total"
 TOKEN_REQUESTS = "asgi_token_refresh_token_requests_total"
@@ -59,9 +59,9 @@ INTERVAL = "asgi_token_refresh_refresh_interval_seconds"
 # The <= 30 s bucket: "30.0" from the Python exporter and Prometheus 3, "30" from Go exporters
 # scraped by Prometheus 2.
 RAPID_BUCKET = 'le=~"30|30[.]0"'
-NOT_LEADER = 'dedupe!="leader"'
-INVALID_GRANT = 'outcome="invalid_grant"'
-PROVIDER_ERRORS = 'outcome=~"provider_error|timeout|network_error"'
+NOT_LEADER = 'asgi_token_refresh_dedupe!="leader"'
+INVALID_GRANT = 'asgi_token_refresh_outcome="invalid_grant"'
+PROVIDER_ERRORS = 'asgi_token_refresh_outcome=~"provider_error|timeout|network_error"'
 
 
 def selector(metric: str, *matchers: str) -> str:
@@ -185,7 +185,10 @@ def build() -> dashboard_builders.Dashboard:
         "single-flight this stays near sessions / token lifetime; a storm shows as a multiple "
         "of it. Source: asgi_token_refresh.refreshes.",
         "reqps",
-        (summed(f"{BY_PROVIDER}, outcome", REFRESHES), "{{provider}} {{outcome}}"),
+        (
+            summed(f"{BY_PROVIDER}, asgi_token_refresh_outcome", REFRESHES),
+            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_outcome}}",
+        ),
         stacked=True,
     )
     fresh_vs_refreshes = panel(
@@ -195,9 +198,9 @@ def build() -> dashboard_builders.Dashboard:
         "dominate and refreshes are a small fraction of the requests that needed a token. Log "
         "scale. Sources: asgi_token_refresh.token.fresh, .token.requests, .refreshes.",
         "reqps",
-        (summed(BY_PROVIDER, TOKEN_FRESH), "{{provider}} fresh path"),
-        (summed(BY_PROVIDER, TOKEN_REQUESTS), "{{provider}} needed a new token"),
-        (summed(BY_PROVIDER, REFRESHES), "{{provider}} token endpoint calls"),
+        (summed(BY_PROVIDER, TOKEN_FRESH), "{{asgi_token_refresh_provider}} fresh path"),
+        (summed(BY_PROVIDER, TOKEN_REQUESTS), "{{asgi_token_refresh_provider}} needed a new token"),
+        (summed(BY_PROVIDER, REFRESHES), "{{asgi_token_refresh_provider}} token endpoint calls"),
         log_scale=True,
     )
     by_dedupe_path = panel(
@@ -209,17 +212,20 @@ def build() -> dashboard_builders.Dashboard:
         "counted besides that flight's leader). All but leader are dedupe hits. Source: "
         "asgi_token_refresh.token.requests.",
         "reqps",
-        (summed(f"{BY_PROVIDER}, dedupe", TOKEN_REQUESTS), "{{provider}} {{dedupe}}"),
+        (
+            summed(f"{BY_PROVIDER}, asgi_token_refresh_dedupe", TOKEN_REQUESTS),
+            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_dedupe}}",
+        ),
         stacked=True,
     )
     dedupe_share = panel(
         "Dedupe share (non-leader / all token requests)",
         "The share of callers needing a new token that did not cause a token-endpoint call: "
-        'token.requests{dedupe!="leader"} / token.requests. High under bursts of parallel '
-        "requests per session; a drop to 0 while refreshes rise means every caller refreshes "
-        "on its own (a naive refresh path, or one refresher per request).",
+        'token.requests{asgi_token_refresh_dedupe!="leader"} / token.requests. High under '
+        "bursts of parallel requests per session; a drop to 0 while refreshes rise means "
+        "every caller refreshes on its own (a naive refresh path, or one refresher per request).",
         "percentunit",
-        (share(TOKEN_REQUESTS, NOT_LEADER), "{{provider}}"),
+        (share(TOKEN_REQUESTS, NOT_LEADER), "{{asgi_token_refresh_provider}}"),
         ratio=True,
     )
     waiters = panel(
@@ -230,9 +236,9 @@ def build() -> dashboard_builders.Dashboard:
         "short",
         (
             divided(summed(BY_PROVIDER, f"{WAITERS}_sum"), summed(BY_PROVIDER, f"{WAITERS}_count")),
-            "{{provider}} mean",
+            "{{asgi_token_refresh_provider}} mean",
         ),
-        (quantile(0.99, WAITERS), "{{provider}} p99"),
+        (quantile(0.99, WAITERS), "{{asgi_token_refresh_provider}} p99"),
     )
     in_progress = panel(
         "Flights in progress per instance",
@@ -240,7 +246,10 @@ def build() -> dashboard_builders.Dashboard:
         "near 0; a plateau at the refresher's max_concurrency means flights queue behind a slow "
         "provider. Source: asgi_token_refresh.refresh.active.",
         "short",
-        (f"sum by (instance, {BY_PROVIDER}) ({selector(ACTIVE)})", "{{instance}} {{provider}}"),
+        (
+            f"sum by (instance, {BY_PROVIDER}) ({selector(ACTIVE)})",
+            "{{instance}} {{asgi_token_refresh_provider}}",
+        ),
     )
     rapid = panel(
         "Rapid re-refresh share (interval ≤ 30 s)",
@@ -255,7 +264,7 @@ def build() -> dashboard_builders.Dashboard:
                 summed(BY_PROVIDER, f"{INTERVAL}_bucket", RAPID_BUCKET),
                 summed(BY_PROVIDER, f"{INTERVAL}_count"),
             ),
-            "{{provider}}",
+            "{{asgi_token_refresh_provider}}",
         ),
         ratio=True,
         threshold=STORM_SHARE,
@@ -268,7 +277,7 @@ def build() -> dashboard_builders.Dashboard:
         "line is the AsgiTokenRefreshInvalidGrantSpike threshold. Source: "
         "asgi_token_refresh.refreshes.",
         "percentunit",
-        (share(REFRESHES, INVALID_GRANT), "{{provider}}"),
+        (share(REFRESHES, INVALID_GRANT), "{{asgi_token_refresh_provider}}"),
         ratio=True,
         threshold=INVALID_GRANT_RATIO,
     )
@@ -279,7 +288,7 @@ def build() -> dashboard_builders.Dashboard:
         "their session. The dashed line is the AsgiTokenRefreshProviderErrors threshold. "
         "Source: asgi_token_refresh.refreshes.",
         "percentunit",
-        (share(REFRESHES, PROVIDER_ERRORS), "{{provider}}"),
+        (share(REFRESHES, PROVIDER_ERRORS), "{{asgi_token_refresh_provider}}"),
         ratio=True,
         threshold=PROVIDER_ERROR_RATIO,
     )
@@ -291,8 +300,8 @@ def build() -> dashboard_builders.Dashboard:
         "token). The user must log in again. Source: asgi_token_refresh.terminal_failures.",
         "reqps",
         (
-            summed(f"{BY_PROVIDER}, error_type, component", TERMINAL_FAILURES),
-            "{{provider}} {{error_type}} ({{component}})",
+            summed(f"{BY_PROVIDER}, error_type, asgi_token_refresh_component", TERMINAL_FAILURES),
+            "{{asgi_token_refresh_provider}} {{error_type}} ({{asgi_token_refresh_component}})",
         ),
         stacked=True,
     )
@@ -302,9 +311,9 @@ def build() -> dashboard_builders.Dashboard:
         "re-reads), from the histogram's buckets. The dashed line is the AsgiTokenRefreshSlow "
         "threshold for p99. Source: asgi_token_refresh.refresh.duration.",
         "s",
-        (quantile(0.5, DURATION), "{{provider}} p50"),
-        (quantile(0.9, DURATION), "{{provider}} p90"),
-        (quantile(0.99, DURATION), "{{provider}} p99"),
+        (quantile(0.5, DURATION), "{{asgi_token_refresh_provider}} p50"),
+        (quantile(0.9, DURATION), "{{asgi_token_refresh_provider}} p90"),
+        (quantile(0.99, DURATION), "{{asgi_token_refresh_provider}} p99"),
         threshold=SLOW_P99_SECONDS,
     )
     coordinator_errors = panel(
@@ -317,9 +326,9 @@ def build() -> dashboard_builders.Dashboard:
         "ops",
         (
             # Every provider reports the fresh-path counter from the start.
-            f"{summed(f'{BY_PROVIDER}, coordinator', COORDINATOR_ERRORS)}\n"
+            f"{summed(f'{BY_PROVIDER}, asgi_token_refresh_coordinator', COORDINATOR_ERRORS)}\n"
             f"or on ({BY_PROVIDER})\n0 * {summed(BY_PROVIDER, TOKEN_FRESH)}",
-            "{{provider}} {{coordinator}}",
+            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_coordinator}}",
         ),
     )
 
@@ -331,9 +340,9 @@ def build() -> dashboard_builders.Dashboard:
         "Source: asgi_token_refresh.logouts.",
         "ops",
         (
-            f"{summed(f'{BY_PROVIDER}, revocation', LOGOUTS)}\n"
+            f"{summed(f'{BY_PROVIDER}, asgi_token_refresh_revocation', LOGOUTS)}\n"
             f"or on ({BY_PROVIDER})\n0 * {summed(BY_PROVIDER, TOKEN_FRESH)}",
-            "{{provider}} {{revocation}}",
+            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_revocation}}",
         ),
     )
 
@@ -373,7 +382,8 @@ def build() -> dashboard_builders.Dashboard:
         .with_variable(
             label_variable(
                 "provider",
-                f'label_values({TOKEN_FRESH}{{job=~"$job", instance=~"$instance"}}, provider)',
+                f'label_values({TOKEN_FRESH}{{job=~"$job", instance=~"$instance"}}, '
+                f"{BY_PROVIDER})",
             )
         )
         .with_row(dashboard_builders.Row("Refreshes"))

@@ -36,6 +36,8 @@ _RATE_INTERVAL = "$__rate_interval"
 _RATE_INTERVAL_STANDIN = "7777s"
 RATE_INTERVAL_RANGE = timedelta(seconds=7777)
 DASHBOARD_MATCHERS = {"job": "$job", "instance": "$instance"}
+# A template variable's name -> the label it lists (the library's labels are namespaced).
+VARIABLE_LABELS = {"provider": "asgi_token_refresh_provider"}
 _LABEL_VALUES = re.compile(r"^\s*label_values\((?:(?P<expr>.+),\s*)?(?P<label>\w+)\)\s*$", re.S)
 
 
@@ -213,7 +215,7 @@ def lint_dashboard(dashboard: Mapping[str, Any], series_types: Mapping[str, str]
     problems += [
         f"variable {name}: {problem}"
         for name, query in template_queries(dashboard)
-        for problem in lint_label_values(query, series_types, name)
+        for problem in lint_label_values(query, series_types, VARIABLE_LABELS.get(name, name))
     ]
     return problems
 

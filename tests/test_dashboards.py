@@ -33,14 +33,7 @@ RULE_TESTS = DASHBOARDS / "alerts.test.yaml"
 RUNBOOK = DASHBOARDS / "RUNBOOK.md"
 
 # Every metric name _telemetry defines (span names aside): a new one needs a panel here.
-LIBRARY_METRICS = {
-    value
-    for name, value in vars(_telemetry).items()
-    if name.isupper()
-    and not name.startswith("SPAN_")
-    and isinstance(value, str)
-    and value.startswith(f"{_telemetry.SCOPE}.")
-}
+LIBRARY_METRICS = set(_telemetry.METRICS)
 REQUIRED_PANELS = {
     "Refreshes/s by outcome",
     "Dedupe share (non-leader / all token requests)",

@@ -1,8 +1,8 @@
 """End to end: the demo's storm, scraped by a real Prometheus, through the dashboard and the alerts.
 
 ``python -m asgi_token_refresh demo --serve`` runs the naive app and the single-flight app against
-strict FakeIdPs and exports the library's metrics (``provider="naive"`` and
-``provider="single-flight"``). A real Prometheus (Debian's ``prometheus``, as
+strict FakeIdPs and exports the library's metrics (``asgi_token_refresh_provider="naive"`` and
+``asgi_token_refresh_provider="single-flight"``). A real Prometheus (Debian's ``prometheus``, as
 ``scripts/system-deps`` installs it) scrapes it every second on loopback and evaluates
 ``dashboards/alerts.yaml`` every second. Both processes run on free loopback ports and are
 stopped by PID, whatever happens.
@@ -100,7 +100,7 @@ class PrometheusAPI:
     def values(self, expr: str, at: float | None = None) -> dict[str, float]:
         """``expr``'s samples as {provider label (or the label set): value}."""
         return {
-            sample["metric"].get("provider", json.dumps(sample["metric"], sort_keys=True)): float(
+            sample["metric"].get("asgi_token_refresh_provider", json.dumps(sample["metric"], sort_keys=True)): float(
                 sample["value"][1]
             )
             for sample in self.query(expr, at)
@@ -198,11 +198,11 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storm]:
             second_burst = FIRST_BURST + TOKEN_LIFETIME + 30
             single_flight = (
                 f'asgi_token_refresh_refresh_interval_seconds_count{{job="{JOB}", '
-                f'provider="single-flight"}} >= {SESSIONS}'
+                f'asgi_token_refresh_provider="single-flight"}} >= {SESSIONS}'
             )
             _wait_until("single-flight's second burst", scraped(single_flight), second_burst, alive)
             naive = (
-                f'increase(asgi_token_refresh_refreshes_total{{job="{JOB}", provider="naive"}}'
+                f'increase(asgi_token_refresh_refreshes_total{{job="{JOB}", asgi_token_refresh_provider="naive"}}'
                 "[10s]) > 0"
             )
             _wait_until("naive's second burst", scraped(naive), 10, alive)
@@ -327,7 +327,7 @@ def test_storm_alerts_pend_for_naive_and_single_flight_stays_quiet(storm: Storm)
 
     def naive_pending() -> list[dict[str, Any]] | None:
         alerts = api.active_alerts()
-        names = {a["labels"]["alertname"] for a in alerts if a["labels"]["provider"] == "naive"}
+        names = {a["labels"]["alertname"] for a in alerts if a["labels"]["asgi_token_refresh_provider"] == "naive"}
         return alerts if names >= set(STORM_ALERTS) else None
 
     def state() -> str:
@@ -357,7 +357,7 @@ def test_storm_alerts_pend_for_naive_and_single_flight_stays_quiet(storm: Storm)
     for alert in alerts:
         assert alert["labels"]["job"] == JOB
         assert alert["labels"]["severity"] in ("warning", "critical")
-        by_provider[alert["labels"]["provider"]].add(alert["labels"]["alertname"])
+        by_provider[alert["labels"]["asgi_token_refresh_provider"]].add(alert["labels"]["alertname"])
     assert by_provider["naive"] >= set(STORM_ALERTS), alerts
     assert by_provider["single-flight"] == set(), alerts
 
@@ -370,8 +370,8 @@ def test_storm_alerts_pend_for_naive_and_single_flight_stays_quiet(storm: Storm)
     assert rapid["single-flight"] == 0
     assert rapid["naive"] > 0
     invalid_grant = api.values(
-        f'sum by (provider) (asgi_token_refresh_refreshes_total{{job="{JOB}", '
-        'outcome="invalid_grant"})'
+        f'sum by (asgi_token_refresh_provider) (asgi_token_refresh_refreshes_total{{job="{JOB}", '
+        'asgi_token_refresh_outcome="invalid_grant"})'
     )
     assert invalid_grant.get("naive", 0) > 0
     assert "single-flight" not in invalid_grant

@@ -21,6 +21,8 @@ from asgi_token_refresh import (
     TokenRefreshMiddleware,
 )
 from asgi_token_refresh._telemetry import (
+    OUTCOME,
+    PROVIDER,
     REFRESH_ACTIVE,
     REFRESH_DURATION,
     REFRESH_INTERVAL,
@@ -88,13 +90,13 @@ async def test_a_100_caller_storm_is_one_refresh_one_leader_and_99_linked_joiner
     assert captured.value(TOKEN_REQUESTS, dedupe="leader") == 1
     assert captured.value(TOKEN_REQUESTS, dedupe="joined") == 99
     [flight] = captured.spans(SPAN_REFRESH)
-    assert flight.attributes["outcome"] == "success"
-    assert flight.attributes["rotated"] is True
-    assert flight.attributes["waiters"] == 100
+    assert flight.attributes["asgi_token_refresh.outcome"] == "success"
+    assert flight.attributes["asgi_token_refresh.rotated"] is True
+    assert flight.attributes["asgi_token_refresh.waiters"] == 100
     caller_spans = captured.spans(SPAN_ACQUIRE)
     assert len(caller_spans) == 100
-    leader = [s for s in caller_spans if s.attributes["dedupe"] == "leader"]
-    joiners = [s for s in caller_spans if s.attributes["dedupe"] == "joined"]
+    leader = [s for s in caller_spans if s.attributes["asgi_token_refresh.dedupe"] == "leader"]
+    joiners = [s for s in caller_spans if s.attributes["asgi_token_refresh.dedupe"] == "joined"]
     assert len(leader) == 1
     assert flight.parent.span_id == leader[0].context.span_id
     assert len(joiners) == 99
@@ -114,7 +116,7 @@ async def test_a_100_caller_storm_is_one_refresh_one_leader_and_99_linked_joiner
     [(labels, waiters)] = captured.points(REFRESH_WAITERS)
     assert (waiters.count, waiters.sum) == (1, 100)
     [(labels, duration)] = captured.points(REFRESH_DURATION)
-    assert labels == {"outcome": "success", "provider": "fake"}
+    assert labels == {OUTCOME: "success", PROVIDER: "fake"}
     assert duration.count == 1
     assert [p.value for _, p in captured.points(REFRESH_ACTIVE)] == [0]
 

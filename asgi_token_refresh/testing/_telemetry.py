@@ -52,10 +52,13 @@ class CapturedTelemetry:
     def value(self, metric: str, **attributes: str) -> float:
         """Sum of a counter's points whose attributes include ``attributes`` (0 if none).
 
-        Attribute keys with dots (``error.type``) are passed with underscores (``error_type``).
+        Keys are the attributes' short names: ``outcome`` for ``asgi_token_refresh.outcome``,
+        ``error_type`` for ``error.type``.
         """
-        wanted = {k.replace("_", "."): v for k, v in attributes.items() if k == "error_type"}
-        wanted |= {k: v for k, v in attributes.items() if k != "error_type"}
+        wanted = {
+            "error.type" if k == "error_type" else "asgi_token_refresh." + k: v
+            for k, v in attributes.items()
+        }
         return sum(
             getattr(point, "value", getattr(point, "count", 0))
             for labels, point in self.points(metric)
