@@ -43,6 +43,7 @@ REFRESH_INTERVAL = "asgi_token_refresh.refresh.interval"
 TOKEN_FRESH = "asgi_token_refresh.token.fresh"
 COORDINATOR_ERRORS = "asgi_token_refresh.coordinator.errors"
 LOGOUTS = "asgi_token_refresh.logouts"
+DUPLICATES = "asgi_token_refresh.refresh.duplicates"
 #: Every metric the library records (a new one needs a dashboard panel: tests check).
 METRICS = (
     REFRESHES,
@@ -55,6 +56,7 @@ METRICS = (
     TOKEN_FRESH,
     COORDINATOR_ERRORS,
     LOGOUTS,
+    DUPLICATES,
 )
 
 # Span names.
@@ -73,6 +75,8 @@ DEDUPE = _NS + "dedupe"  # leader | joined | grace_cache | negative_cache | dist
 COMPONENT = _NS + "component"  # asgi | httpx | login
 COORDINATOR = _NS + "coordinator"  # local | redis | file
 REVOCATION = _NS + "revocation"  # revoked | unsupported | failed | skipped
+# store_conflict | newer_stored | spent_here: how a duplicate refresh was noticed
+DETECTED_BY = _NS + "detected_by"
 ROTATED = _NS + "rotated"
 WAITERS = _NS + "waiters"
 ERROR_TYPE = "error.type"
@@ -167,6 +171,12 @@ class Telemetry:
             LOGOUTS,
             "{logout}",
             "Sessions ended by logout, by what became of the grant at the provider",
+        )
+        self.duplicates = meter.create_counter(
+            DUPLICATES,
+            "{refresh}",
+            "Provider calls that refreshed a session someone else had already refreshed (without "
+            "a shared coordinator, replicas each refresh), by how it was noticed",
         )
         # Weak: a global meter must not keep every Refresher (and its caches) alive.
         self._fresh_sources: weakref.WeakSet[FreshCounting] = weakref.WeakSet()
@@ -284,6 +294,13 @@ class FlightRecorder:
                 "the provider until it expires; pass OAuth2Client(revocation_endpoint=...) if "
                 "it has one"
             )
+
+    def duplicate(self, detected_by: str) -> None:
+        """Count a refresh that turned out to duplicate someone else's: ``store_conflict`` (the
+        store already held another token set of that generation), ``newer_stored`` (the
+        provider refused the token and the store holds its successor) or ``spent_here`` (the
+        provider refused a refresh token this process itself spent moments ago)."""
+        self.telemetry.duplicates.add(1, {DETECTED_BY: detected_by, **self.attributes})
 
     def left(self, span: trace.Span, joined: trace.Span | None) -> None:
         """End a caller's span, linked to the flight it ``joined`` (the leader's is its parent)."""
