@@ -1,19 +1,29 @@
 """Command line (also the ``asgi-token-refresh`` script).
 
-``demo``: a refresh storm over loopback against a strict provider, naive vs single-flight
-(``--serve`` keeps it running with Prometheus metrics). ``storm``: the same comparison
+``demo``: a refresh storm over loopback against a strict provider, naive vs Authlib vs
+single-flight, with a table and a picture (``--serve`` keeps naive and single-flight running
+with Prometheus metrics). ``storm``: the same comparison
 in-process on a fake clock, in a second.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ._storm import StormReport, run_storm, side_by_side
 
+if TYPE_CHECKING:
+    from ._demo import DemoConfig, DemoReport
+
 __all__ = ["main"]
+
+#: Where the demo's picture goes by default: the working directory (this repo ignores it).
+DEFAULT_PNG = "asgi-token-refresh-demo.png"
 
 
 def _positive(text: str) -> int:
@@ -31,7 +41,25 @@ def _seconds(text: str) -> float:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from ._demo import DemoConfig, format_reports, run_demo, serve_demo
+    # Ctrl-C ends the demo, even when it was started with SIGINT ignored (a background job).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _run_demo(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted: the demo stopped (no table, no picture)", file=sys.stderr)
+        return 130
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from ._demo import (
+        AUTHLIB_NOTE,
+        NOTES,
+        DemoConfig,
+        available_modes,
+        format_reports,
+        legend,
+        run_demo,
+    )
 
     config = DemoConfig(
         sessions=args.sessions,
@@ -44,27 +72,62 @@ def _demo(args: argparse.Namespace) -> int:
         host=args.host,
     )
     if args.serve:
+        from ._demo import serve_demo
+
         serve_demo(config, args.metrics_port, args.duration)
         return 0
+    modes, missing = available_modes()
+    for note in missing:
+        print(f"note: {note}", file=sys.stderr)
     per_round = config.sessions * config.tabs * config.parallel
     print(
         f"{config.sessions} sessions x {config.tabs} tabs x {config.parallel} parallel requests "
         f"({per_round:,} per burst) x {config.rounds} expiry boundaries, over loopback.\n"
         f"Strict provider: rotating refresh tokens, reuse revokes the grant, "
-        f"{config.token_lifetime:g} s access tokens.\n",
+        f"{config.token_lifetime:g} s access tokens.\n"
+        f"Columns, one after the other, each against a provider of its own:\n{legend(modes)}\n",
         flush=True,
     )
-    naive, single_flight = run_demo(config)
-    print("\n" + format_reports([naive, single_flight]))
-    if single_flight.sessions_revoked or single_flight.failures or single_flight.invalid_grant:
-        print("\nFAIL: the single-flight run lost sessions", file=sys.stderr)
+    reports = run_demo(config, modes=modes)
+    notes = NOTES + ("\n" + AUTHLIB_NOTE if "authlib" in modes else "")
+    print("\n" + format_reports(reports) + "\n\n" + notes + "\n")
+    single_flight = reports[-1]
+    expected_calls = config.sessions * config.rounds
+    lost = single_flight.sessions_revoked or single_flight.failures or single_flight.invalid_grant
+    if lost or single_flight.provider_calls != expected_calls:
+        print(
+            f"FAIL: single-flight made {single_flight.provider_calls} provider calls (expected "
+            f"{expected_calls}: one per session per boundary), "
+            f"{single_flight.sessions_revoked} sessions lost, {single_flight.failures} failures",
+            file=sys.stderr,
+        )
         return 1
-    print(
-        f"\nsingle-flight: {single_flight.provider_calls} provider calls for "
-        f"{single_flight.requests:,} requests, no session lost; "
-        f"naive: {naive.sessions_revoked} of {config.sessions} sessions revoked."
+    others = "; ".join(
+        f"{r.mode}: {r.sessions_revoked} of {config.sessions} sessions revoked"
+        for r in reports[:-1]
     )
+    print(
+        f"single-flight: {single_flight.provider_calls} provider calls for "
+        f"{single_flight.requests:,} requests (one per session per boundary), no session lost; "
+        f"{others}."
+    )
+    _picture(reports, args.png, config)
     return 0
+
+
+def _picture(reports: Sequence[DemoReport], path: Path, config: DemoConfig) -> None:
+    from ._demo_plot import MATPLOTLIB_MISSING, write_png
+
+    title = (
+        f"{config.sessions} sessions x {config.tabs * config.parallel} parallel requests at each "
+        f"of {config.rounds} expiry boundaries (dotted); strict provider"
+    )
+    try:
+        written = write_png(reports, path, title=title)
+    except ImportError:
+        print(MATPLOTLIB_MISSING, file=sys.stderr)
+        return
+    print(f"picture: {written.resolve()}")
 
 
 def _table(reports: Sequence[StormReport]) -> str:
@@ -93,7 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     storm.add_argument("--callers", type=_positive, default=20, help="parallel requests (20)")
     storm.add_argument("--rotations", type=_positive, default=3, help="expiry boundaries (3)")
     demo = commands.add_parser(
-        "demo", help="a storm over loopback with uvicorn: naive vs single-flight (the main job)"
+        "demo",
+        help="a storm over loopback with uvicorn: naive vs authlib vs single-flight, a table and "
+        "a picture (the main job)",
     )
     demo.add_argument("--sessions", type=_positive, default=20, help="logged-in users (20)")
     demo.add_argument("--tabs", type=_positive, default=3, help="tabs per user (3)")
@@ -116,6 +181,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--serve", action="store_true", help="keep storming; expose metrics")
     demo.add_argument("--metrics-port", type=int, default=9464, help="with --serve (9464)")
     demo.add_argument("--duration", type=_seconds, help="with --serve: stop after seconds")
+    demo.add_argument(
+        "--png",
+        type=Path,
+        default=Path(DEFAULT_PNG),
+        help=f"where to write the picture ({DEFAULT_PNG} in the working directory; "
+        "not with --serve)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         return _demo(args)

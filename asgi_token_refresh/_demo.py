@@ -1,58 +1,57 @@
-"""The demo: a real refresh storm over loopback, naive per-request refresh vs single-flight.
+"""The demo: a real refresh storm over loopback, three ways of refreshing side by side.
 
-For each mode a strict FakeIdP (rotation on, a reused refresh token revokes the grant, short
-access tokens, some latency) and a small Starlette app are served with uvicorn. Browsers — one
-cookie jar per session, shared by its tabs — log in, then at every expiry boundary every tab
-fires a burst of parallel API calls. Each call makes the app get a token and call the
-provider's userinfo endpoint (the protected API) with it.
+For each column a strict FakeIdP (rotation on, a reused refresh token revokes the grant, short
+access tokens, some latency) and a small Starlette app (``_demo_apps``: naive, authlib,
+single-flight) are served with uvicorn. Browsers — one cookie jar per session, shared by its
+tabs — log in, then at every expiry boundary every tab fires a burst of parallel API calls.
+Each call makes the app get a token and call the provider's userinfo endpoint (the protected
+API) with it. The columns run one after the other, each against a provider of its own.
 
-- naive: what teams ship first. Each request that finds the token due refreshes it itself and
-  stores the result, last writer wins. It reports the same metrics the library does, so the
-  dashboards show what the storm looks like.
-- single-flight: ``TokenRefreshMiddleware`` and ``request.state.token.client()``.
+Each provider is wrapped in a recorder that timestamps, from FakeIdP's public counters, every
+refresh call, ``invalid_grant`` answer and grant revoked: the picture (``_demo_plot``) is drawn
+from those.
 
-``--serve`` keeps storming both until interrupted and exposes the metrics for Prometheus.
-Needs the ``demo`` extra (uvicorn, starlette, the OpenTelemetry SDK and Prometheus exporter).
+``--serve`` keeps storming naive and single-flight until interrupted and exposes the metrics
+for Prometheus. Needs the ``demo`` extra (uvicorn, starlette, Authlib, matplotlib, the
+OpenTelemetry SDK and Prometheus exporter).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 import sys
+import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import NamedTuple
 
 import httpx
 
-from ._cookies import parse_cookie_header
-from ._errors import RefreshUnavailable, TokenEndpointError
-from ._memory_store import MemorySessionStore
+from ._demo_apps import AUTHLIB_MISSING, CLIENT_ID, CLIENT_SECRET, authlib, build_app
+from ._middleware import Message, Receive, Scope, Send
 from ._oauth import OAuth2Client
-from ._refresher import Refresher
 from ._storm import side_by_side
-from ._telemetry import (
-    COMPONENT,
-    DEDUPE,
-    ERROR_TYPE,
-    GRANT,
-    OUTCOME,
-    PROVIDER,
-    Telemetry,
-    default_telemetry,
-)
-from ._tokens import TokenSet
+from ._telemetry import Telemetry, default_telemetry
 from .testing import FakeIdP, serve
 
-if TYPE_CHECKING:
-    from starlette.responses import JSONResponse
+__all__ = ["DemoConfig", "DemoReport", "Timeline", "available_modes", "run_demo", "serve_demo"]
 
-__all__ = ["DemoConfig", "DemoReport", "run_demo", "serve_demo"]
-
-MODES = ("naive", "single-flight")
+MODES = ("naive", "authlib", "single-flight")
+#: One line each, printed before the table.
+LEGEND = {
+    "naive": "each request that finds the token due refreshes it itself; last writer wins",
+    "authlib": "Authlib as its Starlette integration is used: an AsyncOAuth2Client per request "
+    "from the stored token refreshes it itself; update_token writes back, last writer wins",
+    "single-flight": "this library's TokenRefreshMiddleware: one refresh per session, the "
+    "session's other requests wait for it",
+}
+# Why a request failed, from the app's answer (see _demo_apps).
+REFUSED_AT_REFRESH = "refused at refresh"  # the provider answered its refresh invalid_grant
+REFUSED_BY_API = "refused by the API"  # it had a new token, from a grant revoked since
+OTHER_FAILURE = "other failures"  # 5xx, a connection error
 
 
 @dataclass(frozen=True)
@@ -70,14 +69,28 @@ class DemoConfig:
 
 
 @dataclass
+class Timeline:
+    """When a column's provider did what: seconds since that column's browsers logged in."""
+
+    refresh_calls: list[float] = field(default_factory=list)
+    invalid_grant: list[float] = field(default_factory=list)
+    revocations: list[float] = field(default_factory=list)  # grants revoked: sessions lost
+    bursts: list[float] = field(default_factory=list)  # when each expiry-boundary burst began
+    end: float = 0.0  # when the last burst was answered
+
+
+@dataclass
 class DemoReport:
     mode: str
+    sessions: int = 0
     requests: int = 0
     failures: int = 0  # responses other than 200: what users see
+    failure_kinds: Counter[str] = field(default_factory=Counter)
     provider_calls: int = 0
     invalid_grant: int = 0
     sessions_revoked: int = 0
     latencies: list[float] = field(default_factory=list)
+    timeline: Timeline = field(default_factory=Timeline)
 
     def percentile(self, q: float) -> float:
         if not self.latencies:
@@ -86,160 +99,104 @@ class DemoReport:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# -- the two apps ---------------------------------------------------------------------------
+def available_modes() -> tuple[tuple[str, ...], list[str]]:
+    """The columns this installation can run, and a note for each one it cannot."""
+    if authlib() is None:
+        return tuple(m for m in MODES if m != "authlib"), [AUTHLIB_MISSING]
+    return MODES, []
 
 
-def _build_app(mode: str, idp: FakeIdP, client: OAuth2Client, telemetry: Telemetry) -> Any:
-    from starlette.applications import Starlette
-    from starlette.middleware import Middleware
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
-    from ._middleware import TokenRefreshMiddleware
-
-    issuer = client.issuer or ""
-
-    if mode == "single-flight":
-        store = MemorySessionStore(secure=False)
-
-        async def login(request: Request) -> Response:
-            await request.state.token.login(idp.issue(request.query_params["user"]))
-            return Response("ok")
-
-        async def api(request: Request) -> Response:
-            async with request.state.token.client(base_url=issuer) as http:
-                answer = await http.get("/userinfo")
-            return JSONResponse(answer.json(), status_code=answer.status_code)
-
-        refresher = Refresher(client, jitter=0.2)
-        middleware = [Middleware(TokenRefreshMiddleware, refresher=refresher, store=store)]
-        return Starlette(routes=[Route("/login", login), Route("/api", api)], middleware=middleware)
-
-    naive = _NaiveSessions(client, telemetry)
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Any) -> AsyncIterator[None]:
-        yield
-        await naive.http.aclose()
-
-    async def naive_login(request: Request) -> Response:
-        session_id = naive.login(idp.issue(request.query_params["user"]))
-        response = Response("ok")
-        response.set_cookie("sid", session_id, httponly=True)
-        return response
-
-    async def naive_api(request: Request) -> Response:
-        return await naive.api(parse_cookie_header(request.headers.get("cookie", "")).get("sid"))
-
-    routes = [Route("/login", naive_login), Route("/api", naive_api)]
-    return Starlette(routes=routes, lifespan=lifespan)
+def _invalid_grant(idp: FakeIdP) -> int:
+    return idp.token_calls("refresh_token", "invalid_grant") + idp.token_calls(
+        "refresh_token", "reuse_revoked"
+    )
 
 
-class _NaiveSessions:
-    """Hand-rolled refresh, no coordination: the pattern the field reports start from."""
+class _ProviderRecorder:
+    """An ASGI wrapper around a FakeIdP. A refresh call is timestamped when it arrives (the
+    demo's only token requests are refreshes: logins use ``FakeIdP.issue``); invalid_grant
+    answers and revoked grants when an answer goes out, by what FakeIdP's counters gained since
+    the answer before (only token answers change them)."""
 
-    def __init__(self, client: OAuth2Client, telemetry: Telemetry) -> None:
-        self.client = client
-        self.telemetry = telemetry
-        self.sessions: dict[str, TokenSet] = {}
-        self.last_refresh: dict[str, float] = {}
-        self.metric_attributes = {PROVIDER: client.name}
-        self.http = httpx.AsyncClient(base_url=client.issuer or "")
-        # Requests served with the stored token, reported as the library's fresh-path counter.
-        self.fresh_hits = 0
-        telemetry.observe_fresh(self)
+    def __init__(self, idp: FakeIdP) -> None:
+        self.idp = idp
+        self.timeline = Timeline()
+        self.started = time.monotonic()
+        self._seen = (0, 0)  # invalid_grant answers, grants revoked
 
-    def login(self, body: dict[str, Any]) -> str:
-        session_id = secrets.token_urlsafe(16)
-        self.sessions[session_id] = TokenSet.from_token_response(
-            body, issued_at=self.client.clock.time(), default_lifetime=60
-        )
-        return session_id
+    def now(self) -> float:
+        return time.monotonic() - self.started
 
-    async def api(self, session_id: str | None) -> JSONResponse:
-        from starlette.responses import JSONResponse
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.idp(scope, receive, send)
+            return
+        if scope["method"] == "POST" and scope["path"].endswith("/token"):
+            self.timeline.refresh_calls.append(self.now())
 
-        token_set = self.sessions.get(session_id or "")
-        if session_id is None or token_set is None:
-            return JSONResponse({"error": "no session"}, status_code=401)
-        # the hand-rolled check: refresh a minute early (at most half the lifetime)
-        if self.client.clock.time() >= token_set.expires_at - min(60.0, token_set.lifetime / 2):
-            try:
-                token_set = await self._refresh(session_id, token_set)
-            except TokenEndpointError:
-                return JSONResponse({"error": "reauthentication_required"}, status_code=401)
-            except RefreshUnavailable:
-                return JSONResponse({"error": "unavailable"}, status_code=503)
-        else:
-            self.fresh_hits += 1
-        answer = await self.http.get(
-            "/userinfo", headers={"Authorization": f"Bearer {token_set.access_token}"}
-        )
-        return JSONResponse(answer.json(), status_code=answer.status_code)
+        async def answered(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.take()
+            await send(message)
 
-    async def _refresh(self, session_id: str, token_set: TokenSet) -> TokenSet:
-        telemetry, attributes = self.telemetry, self.metric_attributes
-        telemetry.token_requests.add(1, {DEDUPE: "leader", **attributes})
-        now = time.monotonic()
-        if session_id in self.last_refresh:
-            telemetry.interval.record(now - self.last_refresh[session_id], attributes)
-        self.last_refresh[session_id] = now
-        started = time.perf_counter()
-        outcome = "success"
-        try:
-            assert token_set.refresh_token is not None
-            new = await self.client.refresh(token_set.refresh_token, previous=token_set)
-        except TokenEndpointError as exc:
-            outcome = "invalid_grant" if exc.error == "invalid_grant" else "provider_error"
-            telemetry.terminal_failures.add(
-                1, {ERROR_TYPE: outcome, COMPONENT: "asgi", **attributes}
-            )
-            raise
-        except RefreshUnavailable as exc:
-            outcome = exc.reason
-            raise
-        finally:
-            telemetry.refreshes.add(1, {OUTCOME: outcome, GRANT: "refresh_token", **attributes})
-            telemetry.duration.record(
-                time.perf_counter() - started, {OUTCOME: outcome, **attributes}
-            )
-        self.sessions[session_id] = new  # last writer wins: may be an already-revoked grant
-        return new
+        await self.idp(scope, receive, answered)
+
+    def take(self) -> None:
+        counts = (_invalid_grant(self.idp), self.idp.grants_revoked)
+        now, timeline = self.now(), self.timeline
+        series = (timeline.invalid_grant, timeline.revocations)
+        for times, new, old in zip(series, counts, self._seen, strict=True):
+            times.extend([now] * (new - old))
+        self._seen = counts
 
 
-# -- the storm --------------------------------------------------------------------------------
+class _Stack(NamedTuple):
+    app_url: str
+    idp: FakeIdP
+    recorder: _ProviderRecorder
 
 
 @contextlib.contextmanager
-def _stack(mode: str, config: DemoConfig, telemetry: Telemetry) -> Iterator[tuple[str, FakeIdP]]:
+def _stack(mode: str, config: DemoConfig, telemetry: Telemetry) -> Iterator[_Stack]:
     idp = FakeIdP(issuer=None, access_token_lifetime=config.token_lifetime, latency=config.latency)
-    with serve(idp, host=config.host) as idp_url:
+    recorder = _ProviderRecorder(idp)
+    with serve(recorder, host=config.host) as idp_url:
         client = OAuth2Client(
-            client_id="app",
-            client_secret="app-secret",
+            client_id=CLIENT_ID,
+            client_secret=CLIENT_SECRET,
             issuer=idp_url,
             token_endpoint=f"{idp_url}/token",
             name=mode,
             telemetry=telemetry,
         )
         try:
-            with serve(_build_app(mode, idp, client, telemetry), host=config.host) as app_url:
-                yield app_url, idp
+            with serve(build_app(mode, idp, client, telemetry), host=config.host) as app_url:
+                yield _Stack(app_url, idp, recorder)
         finally:
             idp.close()  # the client's pool closes with the app's loop
 
 
+def _failure_kind(answer: httpx.Response | None) -> str:
+    if answer is None or answer.status_code != 401:
+        return OTHER_FAILURE
+    with contextlib.suppress(ValueError):
+        if answer.json().get("error") == "invalid_token":  # the API's own 401, passed through
+            return REFUSED_BY_API
+    return REFUSED_AT_REFRESH
+
+
 async def _storm(
-    app_url: str, idp: FakeIdP, mode: str, config: DemoConfig, progress: _Progress | None
+    stack: _Stack, mode: str, config: DemoConfig, progress: _Progress | None
 ) -> DemoReport:
-    report = DemoReport(mode=mode)
+    idp, recorder = stack.idp, stack.recorder
+    report = DemoReport(mode=mode, sessions=config.sessions)
     limits = httpx.Limits(max_connections=config.tabs * config.parallel)
     browsers = [
-        httpx.AsyncClient(base_url=app_url, limits=limits, timeout=30)
+        httpx.AsyncClient(base_url=stack.app_url, limits=limits, timeout=30)
         for _ in range(config.sessions)
     ]
     first_burst = config.first_burst or config.token_lifetime
+    recorder.started = time.monotonic()
     try:
         idp.access_token_lifetime = first_burst  # the login tokens expire at the first burst
         try:
@@ -250,30 +207,32 @@ async def _storm(
 
         async def call(browser: httpx.AsyncClient) -> None:
             started = time.perf_counter()
-            try:
-                status = (await browser.get("/api")).status_code
-            except httpx.HTTPError:
-                status = 0
+            answer: httpx.Response | None = None
+            with contextlib.suppress(httpx.HTTPError):
+                answer = await browser.get("/api")
             report.latencies.append(time.perf_counter() - started)
             report.requests += 1
-            report.failures += status != 200
+            if answer is None or answer.status_code != 200:
+                report.failures += 1
+                report.failure_kinds[_failure_kind(answer)] += 1
 
         burst = config.tabs * config.parallel
-        start = time.monotonic()
         for round_ in range(config.rounds):
             # Wake at every expiry boundary, when every session's access token has just expired.
-            boundary = start + first_burst + round_ * config.token_lifetime
+            boundary = recorder.started + first_burst + round_ * config.token_lifetime
             await asyncio.sleep(max(0.0, boundary - time.monotonic()))
+            recorder.timeline.bursts.append(recorder.now())
             await asyncio.gather(*(call(b) for b in browsers for _ in range(burst)))
             if progress is not None:
                 progress.step(f"{mode} {round_ + 1}/{config.rounds}")
     finally:
         for browser in browsers:
             await browser.aclose()
+    recorder.take()
+    recorder.timeline.end = recorder.now()
+    report.timeline = recorder.timeline
     report.provider_calls = idp.token_calls("refresh_token")
-    report.invalid_grant = idp.token_calls("refresh_token", "invalid_grant") + idp.token_calls(
-        "refresh_token", "reuse_revoked"
-    )
+    report.invalid_grant = _invalid_grant(idp)
     report.sessions_revoked = idp.grants_revoked
     return report
 
@@ -293,20 +252,23 @@ class _Progress:
         print(f"\r[{bar}] {label:<24}", end=end, file=sys.stderr, flush=True)
 
 
-def run_demo(config: DemoConfig, telemetry: Telemetry | None = None) -> list[DemoReport]:
-    """Run the storm once per mode; returns the naive and the single-flight report."""
+def run_demo(
+    config: DemoConfig, telemetry: Telemetry | None = None, modes: tuple[str, ...] | None = None
+) -> list[DemoReport]:
+    """Run the storm once per column (by default every one available), in that order."""
     telemetry = telemetry or default_telemetry()
-    progress = _Progress(config.rounds * len(MODES))
+    modes = modes if modes is not None else available_modes()[0]
+    progress = _Progress(config.rounds * len(modes))
     reports = []
-    for mode in MODES:
-        with _stack(mode, config, telemetry) as (app_url, idp):
-            reports.append(asyncio.run(_storm(app_url, idp, mode, config, progress)))
+    for mode in modes:
+        with _stack(mode, config, telemetry) as stack:
+            reports.append(asyncio.run(_storm(stack, mode, config, progress)))
     return reports
 
 
 def serve_demo(config: DemoConfig, metrics_port: int, duration: float | None) -> None:
-    """Storm both modes side by side until interrupted (or for ``duration`` seconds) and
-    expose the metrics at ``http://host:metrics_port/metrics``."""
+    """Storm naive and single-flight side by side until interrupted (or for ``duration``
+    seconds) and expose the metrics at ``http://host:metrics_port/metrics``."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from opentelemetry.sdk.metrics import MeterProvider
     from prometheus_client import start_http_server
@@ -320,18 +282,18 @@ def serve_demo(config: DemoConfig, metrics_port: int, duration: float | None) ->
             _stack("naive", config, telemetry) as naive,
             _stack("single-flight", config, telemetry) as single,
         ):
-            print(f"naive app {naive[0]}, single-flight app {single[0]}", file=sys.stderr)
+            print(f"naive app {naive.app_url}, single-flight app {single.app_url}", file=sys.stderr)
 
             async def forever() -> None:
                 while deadline is None or time.monotonic() < deadline:
+                    # Each storm records a fresh timeline: nothing grows while serving.
+                    naive.recorder.timeline = single.recorder.timeline = Timeline()
                     await asyncio.gather(
-                        _storm(*naive, "naive", config, None),
-                        _storm(*single, "single-flight", config, None),
+                        _storm(naive, "naive", config, None),
+                        _storm(single, "single-flight", config, None),
                     )
 
             asyncio.run(forever())
-    except KeyboardInterrupt:
-        pass
     finally:
         metrics_server.shutdown()
 
@@ -343,7 +305,36 @@ def format_reports(reports: list[DemoReport]) -> str:
         ("invalid_grant answers", [f"{r.invalid_grant:,}" for r in reports]),
         ("sessions revoked", [f"{r.sessions_revoked:,}" for r in reports]),
         ("user-visible failures", [f"{r.failures:,}" for r in reports]),
+    ]
+    kinds = [REFUSED_AT_REFRESH, REFUSED_BY_API]
+    kinds += [OTHER_FAILURE] if any(r.failure_kinds[OTHER_FAILURE] for r in reports) else []
+    rows += [(f"  {kind}", [f"{r.failure_kinds[kind]:,}" for r in reports]) for kind in kinds]
+    rows += [
         ("latency p50", [f"{r.percentile(0.5) * 1000:.1f} ms" for r in reports]),
         ("latency p99", [f"{r.percentile(0.99) * 1000:.1f} ms" for r in reports]),
     ]
     return side_by_side([r.mode for r in reports], rows)
+
+
+def legend(modes: tuple[str, ...]) -> str:
+    """One entry per column, wrapped to the table's width."""
+    return "\n".join(
+        textwrap.fill(
+            LEGEND[mode], 96, initial_indent=f"  {mode + ':':<15}", subsequent_indent=" " * 17
+        )
+        for mode in modes
+    )
+
+
+AUTHLIB_NOTE = """\
+The authlib column's latency is mostly its clients: its Starlette integration builds an httpx
+client per request, and each one loads the CA bundle (some 20 ms of CPU), even for http://."""
+NOTES = f"""\
+Why user-visible failures can exceed invalid_grant answers: nothing is retried, so each refused
+refresh is one failure ({REFUSED_AT_REFRESH!r}); and a request that got a new token, from its
+own refresh or from the store where a sibling wrote it, still fails when another sibling's
+reuse of the old refresh token made the provider revoke the whole grant, that new token with it
+({REFUSED_BY_API!r}): a failure with no invalid_grant of its own.
+The naive and authlib columns vary from run to run (who wins each race is a matter of
+timing); the single-flight column must not: one provider call per session per expiry
+boundary and no session lost, or the demo exits 1."""
