@@ -111,7 +111,7 @@ def build_app(mode: str, idp: FakeIdP, client: OAuth2Client, telemetry: Telemetr
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:
         yield
-        await sessions.http.aclose()
+        await sessions.aclose()
 
     async def cookie_login(request: Request) -> Response:
         session_id = sessions.login(idp.issue(request.query_params["user"]))
@@ -148,6 +148,9 @@ class _NaiveSessions:
         # Requests served with the stored token, reported as the library's fresh-path counter.
         self.fresh_hits = 0
         telemetry.observe_fresh(self)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
     def login(self, body: dict[str, Any]) -> str:
         session_id = secrets.token_urlsafe(16)
@@ -214,8 +217,9 @@ class _AuthlibSessions:
         self.authlib = parts
         self.issuer = client.issuer or ""
         self.sessions: dict[str, dict[str, Any]] = {}
-        # Only the app's lifespan closes it; each request's Authlib client has a pool of its own.
-        self.http = httpx.AsyncClient()
+
+    async def aclose(self) -> None:
+        """Nothing to close: each request's Authlib client has a pool of its own."""
 
     def login(self, body: dict[str, Any]) -> str:
         # What authorize_access_token hands the app: the token with expires_at (Authlib adds it).
