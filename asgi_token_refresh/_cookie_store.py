@@ -14,6 +14,7 @@ import logging
 import threading
 from collections.abc import Mapping, Sequence
 
+from ._clock import Clock
 from ._cookies import (
     DEFAULT_MAX_AGE,
     CookieWriter,
@@ -22,6 +23,7 @@ from ._cookies import (
     validate_cookie_options,
 )
 from ._errors import ConfigurationError
+from ._logs import Throttle
 from ._sealing import Sealer
 from ._sessions import Session
 from ._tokens import TokenSet
@@ -41,8 +43,10 @@ class CookieSessionStore:
     ``secrets.token_urlsafe(32)``). Cookies are HttpOnly, Secure (set ``secure=False`` only for
     plain-http local development) and SameSite=Lax; Max-Age follows the refresh token's
     lifetime when the provider says it (``refresh_expires_in``), else ``max_age``. Tampered,
-    truncated, wrong-key or garbage cookies load as no session and are counted in ``rejected``.
-    It implements :class:`SessionStore` only: without a response there is nowhere to write.
+    truncated, wrong-key or garbage cookies load as no session and are counted in ``rejected``
+    (logged at INFO at most once a minute per reason, with the count left out; ``clock`` is
+    what that minute is read from). It implements :class:`SessionStore` only: without a
+    response there is nowhere to write.
     """
 
     _VERSION = "v1"
@@ -58,6 +62,7 @@ class CookieSessionStore:
         domain: str | None = None,
         max_age: float = DEFAULT_MAX_AGE,
         chunk_size: int = 3800,
+        clock: Clock | None = None,
     ) -> None:
         self._sealer = Sealer(secret_keys, purpose="atr-cookie-v1", extra="cookies")
         validate_cookie_options(cookie_name, same_site, secure, max_age)
@@ -71,6 +76,8 @@ class CookieSessionStore:
         )
         self._rejected = 0
         self._rejected_lock = threading.Lock()
+        # A client sends whatever cookie it likes on every request: never a line per request.
+        self._say_rejected = Throttle(logger, logging.INFO, clock=clock)
 
     @property
     def rejected(self) -> int:
@@ -87,9 +94,15 @@ class CookieSessionStore:
         sealed = self._sealer.seal(plaintext, self._aad)
         return base64.urlsafe_b64encode(sealed).rstrip(b"=").decode("ascii")
 
-    def _decrypt(self, blob: str) -> TokenSet:
-        raw = base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
-        return TokenSet.from_dict(json.loads(self._sealer.open(raw, self._aad)))
+    def _sealed(self, head: str, cookies: Mapping[str, str]) -> bytes:
+        version, count, first = head.split(".", 2)
+        if version != self._VERSION or not count.isdigit():
+            raise ValueError("bad header")
+        if not 1 <= int(count) <= _MAX_CHUNKS:
+            raise ValueError("bad header")
+        parts = [first] + [cookies[f"{self.cookie_name}.{i}"] for i in range(1, int(count))]
+        blob = "".join(parts)
+        return base64.urlsafe_b64decode(blob + "=" * (-len(blob) % 4))
 
     def _chunk_names(self, cookies: Mapping[str, str]) -> list[str]:
         prefix = self.cookie_name + "."
@@ -102,18 +115,25 @@ class CookieSessionStore:
         if not head:
             return None
         try:
-            version, count, first = head.split(".", 2)
-            if version != self._VERSION or not count.isdigit():
-                raise ValueError("bad header")
-            if not 1 <= int(count) <= _MAX_CHUNKS:
-                raise ValueError("bad header")
-            parts = [first] + [cookies[f"{self.cookie_name}.{i}"] for i in range(1, int(count))]
-            return Session(self._decrypt("".join(parts)))
+            sealed = self._sealed(head, cookies)
         except (ValueError, KeyError, binascii.Error, UnicodeError):
-            with self._rejected_lock:
-                self._rejected += 1
-            logger.info("rejected an unreadable session cookie")
+            self._reject("malformed")
             return None
+        try:
+            plaintext = self._sealer.open(sealed, self._aad)
+        except ValueError:  # tampered, or sealed under a key that is no longer configured
+            self._reject("no key opens it: tampered, or sealed under a key since removed")
+            return None
+        try:
+            return Session(TokenSet.from_dict(json.loads(plaintext)))
+        except (ValueError, KeyError, UnicodeError):
+            self._reject("not a token set")
+            return None
+
+    def _reject(self, reason: str) -> None:
+        with self._rejected_lock:
+            self._rejected += 1
+        self._say_rejected(reason, "rejected an unreadable session cookie %r", self.cookie_name)
 
     def fits(self, token_set: TokenSet) -> bool:
         """Whether ``token_set`` fits in the cookies (a login that does not is refused)."""

@@ -33,7 +33,7 @@ from ._oauth_messages import (
     raise_for_token_response,
 )
 from ._provider_http import ProviderHTTP
-from ._telemetry import Telemetry, default_telemetry
+from ._telemetry import Telemetry, default_telemetry, server_attributes
 from ._tokens import TokenSet
 
 __all__ = ["OAuth2Client"]
@@ -140,6 +140,9 @@ class OAuth2Client:
         if token_endpoint is not None:  # nothing to discover
             known = ProviderMetadata(token_endpoint=token_endpoint, issuer=issuer, **self._explicit)
         self._discovery = Discovery(self._http, issuer=issuer, known=known, explicit=self._explicit)
+        # server.address (and .port) of the token endpoint, for spans; a discovered one is
+        # known after the first discovery.
+        self._server: dict[str, str | int] = server_attributes(token_endpoint or "")
         #: Identifies (provider, client) in cache keys, logs and the ``provider`` attribute.
         self.provider_url: str = issuer or token_endpoint or ""
         self.name: str = name or urlsplit(self.provider_url).hostname or "oauth2"
@@ -170,6 +173,11 @@ class OAuth2Client:
     async def metadata(self) -> ProviderMetadata:
         """The provider's endpoints, discovering them on first use."""
         return await self._discovery.metadata()
+
+    def server_attributes(self) -> Mapping[str, str | int]:
+        """The token endpoint's ``server.address`` (and ``server.port`` if not the default),
+        computed once; empty until a discovered endpoint is known."""
+        return self._server
 
     @property
     def max_response_bytes(self) -> int:
@@ -301,6 +309,8 @@ class OAuth2Client:
 
     async def _token(self, grant: Mapping[str, str | None], previous: TokenSet | None) -> TokenSet:
         metadata = await self.metadata()
+        if not self._server:
+            self._server = server_attributes(metadata.token_endpoint)
         request = build_token_request(
             metadata.token_endpoint,
             grant,

@@ -86,7 +86,9 @@ class Refresher:
         )  # fmt: skip
         self.telemetry = telemetry or client.telemetry
         monotonic = self.clock.monotonic
-        self._recorder = FlightRecorder(self.telemetry, client.name, monotonic, max_entries)
+        self._recorder = FlightRecorder(
+            self.telemetry, client.name, monotonic, max_entries, client.server_attributes
+        )
         # _flights.lock guards the flights and the caches: checking and boarding are one step.
         self._flights: SingleFlight[TokenSet, FlightRequest] = SingleFlight()
         self._caches = Caches(

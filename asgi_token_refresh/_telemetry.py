@@ -15,11 +15,13 @@ import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
+from urllib.parse import urlsplit
 
 from cachetools import TTLCache
 from opentelemetry import metrics, trace
 
 from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
+from ._logs import fingerprint
 from ._oauth_messages import TERMINAL_ERRORS
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ ROTATED = _NS + "rotated"
 WAITERS = _NS + "waiters"
 ERROR_TYPE = "error.type"
 SERVER_ADDRESS = "server.address"
+SERVER_PORT = "server.port"
 
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTERVAL_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
@@ -92,6 +95,25 @@ def terminal_type(reason: str) -> str:
     if reason in ("invalid_grant", "no_session", "downstream_401"):
         return reason
     return "invalid_client"  # invalid_client, unauthorized_client: the client is refused
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def server_attributes(url: str) -> dict[str, str | int]:
+    """``server.address`` of ``url`` (its host: never its path, query or userinfo), and
+    ``server.port`` when it is not the scheme's default."""
+    parts = urlsplit(url)
+    if not parts.hostname:
+        return {}
+    attributes: dict[str, str | int] = {SERVER_ADDRESS: parts.hostname}
+    try:
+        port = parts.port
+    except ValueError:  # pragma: no cover - endpoints are validated as http(s) URLs
+        port = None
+    if port is not None and port != _DEFAULT_PORTS.get(parts.scheme):
+        attributes[SERVER_PORT] = port
+    return attributes
 
 
 def _version() -> str:
@@ -233,7 +255,8 @@ def mark_failed(span: trace.Span, error: BaseException) -> None:
 class FlightRecorder:
     """What one refresher reports, with its attribute sets built once (a storm records one
     per caller). Every caller that needed a new token gets an ``acquire`` span and a
-    ``token.requests`` point by how it was served; every flight a ``refresh`` span."""
+    ``token.requests`` point by how it was served; every flight a ``refresh`` span, with the
+    token endpoint's ``server.address`` (from ``server``: the client's, empty until known)."""
 
     def __init__(
         self,
@@ -241,9 +264,12 @@ class FlightRecorder:
         provider: str,
         monotonic: Callable[[], float],
         max_entries: int = 50_000,
+        server: Callable[[], Mapping[str, str | int]] | None = None,
     ) -> None:
         self.telemetry = telemetry
         self.attributes = {PROVIDER: provider}
+        self._server = server
+        self._flight_spans: dict[str, Mapping[str, str | int]] = {}  # with server.address
         self._monotonic = monotonic
         self._dedupe = {path: {DEDUPE: path, PROVIDER: provider} for path in _DEDUPE_PATHS}
         self._flight = {
@@ -317,8 +343,19 @@ class FlightRecorder:
         """The flight's span: a child of the leader's; it ends when the flight lands."""
         context = trace.set_span_in_context(leader)
         return self.telemetry.tracer.start_span(
-            SPAN_REFRESH, context=context, attributes=self._flight[grant]
+            SPAN_REFRESH, context=context, attributes=self._flight_attributes(grant)
         )
+
+    def _flight_attributes(self, grant: str) -> Mapping[str, str | int]:
+        """The flight span's attributes, built once the token endpoint is known (a discovered
+        one is not before the first flight: that one gets ``server.address`` as it lands)."""
+        attributes = self._flight_spans.get(grant)
+        if attributes is None:
+            server = self._server() if self._server is not None else {}
+            if not server:
+                return self._flight[grant]
+            attributes = self._flight_spans[grant] = {**self._flight[grant], **server}
+        return attributes
 
     def in_flight(self, delta: int) -> None:
         self.telemetry.active.add(delta, self.attributes)
@@ -339,11 +376,28 @@ class FlightRecorder:
         waiters: int,
         rotated: bool,
         rotation: tuple[bytes, bytes | None] | None,
+        key: bytes | None = None,
     ) -> None:
-        """Record a flight that landed. ``rotation``: the keys of the refresh token it spent
-        and of the one it got, when the provider issued a refresh-token grant."""
+        """Record a flight that landed, and say so in one DEBUG line. ``rotation``: the keys
+        of the refresh token it spent and of the one it got, when the provider issued a
+        refresh-token grant. ``key``: the flight's key (a keyed hash of the grant)."""
         telemetry, attributes = self.telemetry, self.attributes
         outcome = flight_outcome(error)
+        if logger.isEnabledFor(logging.DEBUG):
+            if key is None and rotation is not None:
+                key = rotation[0]
+            logger.debug(
+                "refresh flight landed: outcome=%s grant=%s grant_type=%s waiters=%d "
+                "duration=%.3fs provider=%s called_provider=%s rotated=%s",
+                outcome,
+                "-" if key is None else fingerprint(key),
+                grant,
+                waiters,
+                seconds,
+                attributes[PROVIDER],
+                called_provider,
+                rotated,
+            )
         telemetry.waiters.record(waiters, attributes)
         if called_provider:
             telemetry.refreshes.add(1, {OUTCOME: outcome, GRANT: grant, **attributes})
@@ -359,6 +413,8 @@ class FlightRecorder:
         if span is None:
             return
         span.set_attributes({OUTCOME: outcome, ROTATED: rotated, WAITERS: waiters})
+        if self._server is not None:
+            span.set_attributes(self._server())  # already there, or discovered in flight
         if error is not None:
             span.set_attribute(ERROR_TYPE, outcome)
             span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import re
 import threading
 
@@ -191,6 +192,33 @@ def test_cookie_store_configuration_is_validated(
 
 def test_cookie_store_repr_has_no_key() -> None:
     assert KEY_A not in repr(CookieSessionStore([KEY_A]))
+
+
+async def test_60000_bad_cookies_in_ten_minutes_log_a_line_a_minute_per_reason_with_the_count(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock()
+    store = CookieSessionStore([KEY_A], clock=clock)
+    _, headers = await store.save({}, None, token_set())
+    good = cookies_from(headers)["atr_session"]
+    _, foreign = await CookieSessionStore([KEY_B]).save({}, None, token_set())
+    bad = [_flip(good), "nonsense", cookies_from(foreign)["atr_session"]]  # 2 reasons
+    caplog.set_level(logging.DEBUG, logger="asgi_token_refresh")
+    for i in range(60_000):
+        assert await store.load({"atr_session": bad[i % 3]}) is None
+        clock.advance(0.01)  # 100 bad cookies a second, for 600 s
+    clock.advance(60)
+    for value in bad[:2]:  # one more of each reason: the line says what was left out
+        await store.load({"atr_session": value})
+
+    lines = [r for r in caplog.records if r.name.startswith("asgi_token_refresh")]
+    assert store.rejected == 60_002
+    assert 2 <= len(lines) <= 2 * 12  # at most one a minute per reason, not 60,000
+    assert {r.levelno for r in lines} == {logging.INFO}
+    assert {r.name for r in lines} == {"asgi_token_refresh._cookie_store"}
+    left_out = [re.search(r"(\d+) more since the last such line", r.getMessage()) for r in lines]
+    assert len(lines) + sum(int(m.group(1)) for m in left_out if m) == 60_002
+    assert all(KEY_A not in r.getMessage() and good not in r.getMessage() for r in lines)
 
 
 # -- MemorySessionStore -------------------------------------------------------------------------

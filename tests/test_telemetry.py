@@ -28,11 +28,14 @@ from asgi_token_refresh._telemetry import (
     REFRESH_INTERVAL,
     REFRESH_WAITERS,
     REFRESHES,
+    SERVER_ADDRESS,
+    SERVER_PORT,
     SPAN_ACQUIRE,
     SPAN_REFRESH,
     TERMINAL_FAILURES,
     TOKEN_FRESH,
     TOKEN_REQUESTS,
+    server_attributes,
 )
 from asgi_token_refresh.testing import (
     CapturedTelemetry,
@@ -252,6 +255,81 @@ async def test_no_token_or_secret_in_any_span_attribute_event_or_metric_label(
     assert len(captured.spans()) > 10
     assert len(secrets) > 10
     assert not [s for s in secrets if s and s in text]
+
+
+@pytest.fixture
+def stable_http_semconv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What an app gets with ``OTEL_SEMCONV_STABILITY_OPT_IN=http`` in its environment. The
+    instrumentation reads the variable once per process; the test makes it read it again,
+    and monkeypatch puts the process's reading back afterwards."""
+    semconv = pytest.importorskip("opentelemetry.instrumentation._semconv")
+    stability = semconv._OpenTelemetrySemanticConventionStability
+    monkeypatch.setenv("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
+    monkeypatch.setattr(stability, "_initialized", False)
+    monkeypatch.setattr(stability, "_OTEL_SEMCONV_STABILITY_SIGNAL_MAPPING", {})
+
+
+@pytest.mark.usefixtures("stable_http_semconv")
+async def test_the_flight_span_names_the_token_endpoint_host_and_its_post_uses_stable_http_names(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    session = login(idp, clock)
+    clock.advance(EXPIRED)
+    await refresher.ensure_fresh(session)
+    [flight] = captured.spans(SPAN_REFRESH)
+    assert flight.attributes[SERVER_ADDRESS] == "idp.test"
+    assert SERVER_PORT not in flight.attributes  # https on 443: the default is left out
+    [acquire] = captured.spans(SPAN_ACQUIRE)
+    assert SERVER_ADDRESS not in acquire.attributes  # a wait, not a call (may be a cache hit)
+    flight_id = flight.context.span_id
+    [post] = [s for s in captured.spans() if s.parent and s.parent.span_id == flight_id]
+    assert post.kind.name == "CLIENT"
+    attributes = dict(post.attributes or {})
+    assert attributes["http.request.method"] == "POST"
+    assert attributes["url.full"] == f"{ISSUER}/token"
+    assert attributes["server.address"] == "idp.test"  # no server.port on 443 there either
+    assert attributes["http.response.status_code"] == 200
+    old = {"http.method", "http.url", "http.status_code", "http.host", "net.peer.name"}
+    assert not old & set(attributes)
+
+
+async def test_a_discovered_token_endpoint_is_named_from_the_first_flight_on(
+    idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    client = OAuth2Client.from_discovery(
+        ISSUER,
+        client_id="app",
+        client_secret="app-secret",
+        transport=idp.transport(),
+        clock=clock,
+        telemetry=captured.telemetry,
+    )
+    assert client.server_attributes() == {}  # not discovered yet
+    refresher = Refresher(client, jitter=0)
+    session = login(idp, clock)
+    for _ in range(2):
+        clock.advance(EXPIRED)
+        session = await refresher.ensure_fresh(session)
+    flights = captured.spans(SPAN_REFRESH)
+    assert [f.attributes[SERVER_ADDRESS] for f in flights] == ["idp.test", "idp.test"]
+
+
+@pytest.mark.parametrize(
+    ("url", "attributes"),
+    [
+        ("https://idp.test/token", {SERVER_ADDRESS: "idp.test"}),
+        ("http://idp.test:80/token", {SERVER_ADDRESS: "idp.test"}),
+        (
+            "https://app:s3cret@Login.Example.COM:8443/t/realm/token?tenant=x#f",
+            {SERVER_ADDRESS: "login.example.com", SERVER_PORT: 8443},
+        ),
+        ("http://[::1]:8080/token", {SERVER_ADDRESS: "::1", SERVER_PORT: 8080}),
+    ],
+)
+def test_server_address_is_the_host_only_and_the_port_only_when_not_the_default(
+    url: str, attributes: dict[str, object]
+) -> None:
+    assert server_attributes(url) == attributes
 
 
 # -- helpers ------------------------------------------------------------------------------------
