@@ -106,7 +106,7 @@ class GraceCache:
         key. ``key_of`` makes the key of a refresh token."""
         for _ in range(_MAX_CHAIN):
             successor = self._successors.get(key, now)
-            if successor is None or successor.issued_at < token_set.issued_at:
+            if successor is None or not successor.newer_than(token_set):
                 break
             token_set = successor
             if successor.refresh_token is None:

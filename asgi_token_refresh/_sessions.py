@@ -14,6 +14,7 @@ session-id cookie. ``docs/extending.md`` walks through one.
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +27,8 @@ from ._cookies import (
     session_max_age,
     validate_cookie_options,
 )
+from ._errors import RefreshUnavailable
+from ._logs import Throttle
 from ._tokens import TokenSet
 
 __all__ = [
@@ -39,6 +42,13 @@ __all__ = [
     "new_session_id",
     "supersedes",
 ]
+
+logger = logging.getLogger(__name__)
+
+# Refreshed token sets a failing backend could not take, kept until it takes them.
+_MAX_UNWRITTEN = 10_000
+# Held writes retried per request once the backend answers again (the rest: next requests).
+_FLUSH_BATCH = 100
 
 # Longer ids are garbage, not sessions: rejected before any backend sees them.
 _MAX_SESSION_ID = 128
@@ -59,9 +69,15 @@ def new_session_id() -> str:
 
 
 def supersedes(candidate: TokenSet, stored: TokenSet | None) -> bool:
-    """The compare-and-set rule every store keeps: ``candidate`` may replace ``stored`` unless
-    ``stored`` is a later generation (a slower writer never moves a session back)."""
-    return stored is None or candidate.issued_at >= stored.issued_at
+    """The compare-and-set rule every store keeps: ``candidate`` may replace ``stored`` if it
+    is the same token set again or a later generation (:meth:`TokenSet.newer_than`). So a
+    slower writer never moves a session back, and of two refreshes of one generation (two
+    replicas without a coordinator) the first written stays: the second is a duplicate."""
+    return (
+        stored is None
+        or candidate.access_token == stored.access_token
+        or candidate.newer_than(stored)
+    )
 
 
 @runtime_checkable
@@ -98,8 +114,10 @@ class ServerSideStore(SessionStore, Protocol):
         """The token set stored for ``session`` now (another request may have rotated it)."""
         ...
 
-    async def persist(self, session: Session, token_set: TokenSet) -> None:
-        """Save a refreshed token set for ``session`` (compare-and-set on the generation)."""
+    async def persist(self, session: Session, token_set: TokenSet) -> bool:
+        """Save a refreshed token set for ``session`` (compare-and-set: :func:`supersedes`).
+        ``False`` if the store already held another token set of that generation or a later
+        one: someone else refreshed this session first (the refresh was a duplicate)."""
         ...
 
 
@@ -146,7 +164,14 @@ class SessionCookie(TypedDict, total=False):
 class BackendSessionStore:
     """A :class:`ServerSideStore` over a :class:`SessionBackend`: an opaque random session id
     in an HttpOnly cookie, the token set in the backend. A login always issues a new id; the
-    cookie is re-sent on every write, so its Max-Age slides along with the session."""
+    cookie is re-sent on every write, so its Max-Age slides along with the session.
+
+    A refresh the backend cannot take (it is down) is not lost: the new token set is held in
+    this process and written when the backend answers again, on the session's next request
+    or, for every held session, on the next request that reaches the backend. Until then
+    this process serves it. Until then another process would present the spent refresh token,
+    so with several workers keep a coordinator (its published outcome serves them).
+    """
 
     def __init__(
         self,
@@ -166,6 +191,9 @@ class BackendSessionStore:
         self._writer = CookieWriter(
             path=path, domain=domain, secure=secure, same_site=same_site, max_age=max_age
         )
+        # Session id -> a refreshed token set the backend failed to take (oldest first).
+        self._unwritten: dict[str, TokenSet] = {}
+        self._say = Throttle(logger, logging.WARNING)  # an outage fails every write
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(cookie_name={self.cookie_name!r})"
@@ -175,6 +203,9 @@ class BackendSessionStore:
         if not session_id or len(session_id) > _MAX_SESSION_ID:
             return None
         token_set = await self.backend.get(session_id)
+        if self._unwritten:
+            token_set = await self._write_held(session_id, token_set)
+            await self._flush_unwritten()
         return None if token_set is None else Session(token_set, session_id)
 
     async def save(
@@ -193,7 +224,13 @@ class BackendSessionStore:
         existing = previous.id if previous is not None and not new_session else None
         session_id = existing or new_session_id()
         max_age = self._ttl(token_set)
-        stored = await self.backend.put(session_id, token_set, max_age, create=not existing)
+        try:
+            stored = await self.backend.put(session_id, token_set, max_age, create=not existing)
+        except RefreshUnavailable:
+            if not existing:  # a login: nothing to hold on to, the browser tries again
+                raise
+            self._hold(existing, token_set)  # the response goes out; the write comes later
+            return Session(token_set, existing), []
         if not stored and existing and await self.backend.get(existing) is None:
             # The session ended (logout, expiry) while this request held it: it stays ended.
             return None, [self._writer.delete(self.cookie_name)]
@@ -204,9 +241,67 @@ class BackendSessionStore:
     async def read(self, session: Session) -> TokenSet | None:
         return None if session.id is None else await self.backend.get(session.id)
 
-    async def persist(self, session: Session, token_set: TokenSet) -> None:
-        if session.id is not None:
-            await self.backend.put(session.id, token_set, self._ttl(token_set), create=False)
+    async def persist(self, session: Session, token_set: TokenSet) -> bool:
+        if session.id is None:
+            return True
+        try:
+            stored = await self.backend.put(
+                session.id, token_set, self._ttl(token_set), create=False
+            )
+        except RefreshUnavailable:
+            self._hold(session.id, token_set)
+            raise
+        if stored:
+            return True
+        # Refused: a later (or another same-generation) token set is stored, or the session
+        # ended meanwhile (logout): only the first is a duplicate refresh.
+        return await self.backend.get(session.id) is None
+
+    # -- writes the backend could not take ---------------------------------------------------
+
+    def _hold(self, session_id: str, token_set: TokenSet) -> None:
+        held = self._unwritten.get(session_id)
+        if held is not None and not supersedes(token_set, held):
+            return
+        self._unwritten.pop(session_id, None)
+        self._unwritten[session_id] = token_set
+        if len(self._unwritten) > _MAX_UNWRITTEN:
+            del self._unwritten[next(iter(self._unwritten))]
+            self._say("full", "too many refreshed sessions wait for the store: dropped the oldest")
+        self._say(
+            "held",
+            "the session store did not take a refreshed token set; this process keeps it "
+            "and writes it when the store answers again (%d waiting)",
+            len(self._unwritten),
+        )
+
+    async def _write_held(self, session_id: str, stored: TokenSet | None) -> TokenSet | None:
+        """The session's token set, after writing the one held for it if that is newer."""
+        held = self._unwritten.get(session_id)
+        if held is None:
+            return stored
+        if stored is None or not supersedes(held, stored):  # ended, or moved on without us
+            self._unwritten.pop(session_id, None)
+            return stored
+        try:
+            written = await self.backend.put(session_id, held, self._ttl(held), create=False)
+        except RefreshUnavailable:
+            return held  # still down: serve what we hold
+        self._unwritten.pop(session_id, None)
+        return held if written else await self.backend.get(session_id)
+
+    async def _flush_unwritten(self) -> None:
+        """The backend answered: write what it could not take before, a batch at a time."""
+        for session_id in list(self._unwritten)[:_FLUSH_BATCH]:
+            held = self._unwritten.get(session_id)
+            if held is None:
+                continue
+            try:
+                await self.backend.put(session_id, held, self._ttl(held), create=False)
+            except RefreshUnavailable:
+                return  # down again
+            if self._unwritten.get(session_id) is held:
+                del self._unwritten[session_id]
 
     def _ttl(self, token_set: TokenSet) -> float:
         return session_max_age(token_set, self.max_age)

@@ -32,8 +32,9 @@ def _invalid(description: str) -> TokenEndpointError:
 class TokenSet:
     """An immutable set of tokens with its expiry, in wall-clock seconds since the epoch.
 
-    ``issued_at`` orders generations of one session: a store never replaces a token set with
-    one issued earlier. ``repr`` shows which tokens are present, never their values.
+    ``generation`` counts the refreshes since login (a refresh is its predecessor's plus one):
+    it orders the token sets of one session, so that a slower writer never moves a session
+    back, whatever the clocks say. ``repr`` shows which tokens are present, never their values.
     """
 
     access_token: str
@@ -47,6 +48,8 @@ class TokenSet:
     #: The ID token's claims, as verified at login (signature, issuer, audience, expiry,
     #: nonce); kept through refreshes. ``None`` for sessions that did not log in through OIDC.
     claims: Mapping[str, Any] | None = field(default=None, hash=False)
+    #: Refreshes since login: 0 for a login's tokens (or tokens of unknown lineage).
+    generation: int = 0
     # Cache of jitter_fraction (-1: not computed yet); not part of the value.
     _jitter: float = field(default=-1.0, init=False, repr=False, compare=False, hash=False)
 
@@ -54,6 +57,13 @@ class TokenSet:
     def lifetime(self) -> float:
         """Seconds between issue and expiry."""
         return self.expires_at - self.issued_at
+
+    def newer_than(self, other: TokenSet) -> bool:
+        """Whether this is a later generation of ``other``'s session: more refreshes since
+        login, or, for token sets of unknown lineage (both generation 0), issued later."""
+        if self.generation != other.generation:
+            return self.generation > other.generation
+        return self.generation == 0 and self.issued_at > other.issued_at
 
     @property
     def jitter_fraction(self) -> float:
@@ -122,6 +132,7 @@ class TokenSet:
             scope=scope,
             extra={k: v for k, v in payload.items() if k not in _KNOWN_FIELDS},
             claims=claims,
+            generation=0 if previous is None else previous.generation + 1,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,6 +151,8 @@ class TokenSet:
             data["extra"] = dict(self.extra)
         if self.claims is not None:
             data["claims"] = dict(self.claims)
+        if self.generation:
+            data["generation"] = self.generation
         return data
 
     @classmethod
@@ -155,8 +168,11 @@ class TokenSet:
         claims = data.get("claims")
         optional = [data.get(k) for k in ("refresh_token", "id_token", "scope")]
         token_type = data.get("token_type", "Bearer")
+        generation = data.get("generation", 0)
         if (
-            not isinstance(access_token, str)
+            type(generation) is not int  # (not a bool, not a float)
+            or generation < 0
+            or not isinstance(access_token, str)
             or not isinstance(extra, Mapping)
             or not (claims is None or isinstance(claims, Mapping))
             or not isinstance(token_type, str)
@@ -175,6 +191,7 @@ class TokenSet:
             scope=scope,
             extra=dict(extra),
             claims=None if claims is None else dict(claims),
+            generation=generation,
         )
 
     def __repr__(self) -> str:

@@ -259,9 +259,12 @@ async def test_redis_holds_only_ciphertext_and_keys_reveal_no_session_id(
         for session_id in ids:
             assert session_id[:8] not in key
         fields = cast(dict[bytes, bytes], raw.hgetall(key))
-        assert set(fields) == {b"generation", b"token_set"}
-        # The generation is the token set's issue time: ordering metadata, nothing more.
-        assert re.fullmatch(rb"[0-9]+\.[0-9]+", fields[b"generation"])
+        assert set(fields) == {b"gen", b"at", b"fp", b"token_set"}
+        # Ordering metadata, nothing more: the generation, the issue time, and a keyed hash
+        # of the access token (so that the same token set written again is no conflict).
+        assert re.fullmatch(rb"[0-9]+", fields[b"gen"])
+        assert re.fullmatch(rb"[0-9]+\.[0-9]+", fields[b"at"])
+        assert re.fullmatch(rb"[0-9a-f]{32}", fields[b"fp"])
         sealed = fields[b"token_set"]
         for name, stored in fields.items():
             for secret in [*secrets_to_hide, *ids, SECRET.encode()]:
@@ -348,12 +351,37 @@ async def test_a_tampered_generation_never_breaks_the_session(
     session, _ = await store.save({}, None, token_set(), new_session=True)
     assert session is not None
     [key] = session_keys(raw)
-    for generation in (b"not a number", b"", b"1.7e+09x"):
-        raw.hset(key, "generation", generation)
+    for garbage in (b"not a number", b"", b"1.7e+09x"):
+        raw.hset(key, mapping={"gen": garbage, "at": garbage})
         refreshed = token_set(NOW + 300)
         await store.persist(session, refreshed)  # no Lua error: treated as unknown, replaced
         assert await store.read(session) == refreshed
-        assert raw.hget(key, "generation") == repr(NOW + 300).encode()
+        assert raw.hget(key, "at") == repr(NOW + 300).encode()
+
+
+async def test_a_session_written_before_generations_were_stored_is_still_ordered(
+    store: RedisSessionStore, raw: redis.Redis
+) -> None:
+    """Hashes of earlier versions hold only ``generation`` = the issue time: read as
+    generation 0 issued then, so an older write is refused and a refresh replaces it."""
+    session, _ = await store.save({}, None, token_set(NOW), new_session=True)
+    assert session is not None
+    [key] = session_keys(raw)
+    raw.hdel(key, "gen", "at", "fp")
+    raw.hset(key, "generation", repr(NOW))
+    before = await store.read(session)
+    await store.persist(session, token_set(NOW - 1))
+    assert await store.read(session) == before
+    assert before is not None
+    refreshed = TokenSetType.from_token_response(
+        {"access_token": "at-next", "refresh_token": "rt-next"},
+        issued_at=NOW,
+        default_lifetime=300,
+        previous=before,
+    )
+    await store.persist(session, refreshed)
+    assert await store.read(session) == refreshed
+    assert raw.hget(key, "generation") is None
 
 
 # -- concurrency ----------------------------------------------------------------------------------
@@ -409,7 +437,7 @@ def test_concurrent_writers_in_any_order_never_regress_the_generation(
         assert stored is not None
         assert stored.to_dict() == written[newest].to_dict()
         [key] = session_keys(raw)
-        assert raw.hget(key, "generation") == repr(newest).encode()
+        assert raw.hget(key, "at") == repr(newest).encode()
 
         # And a late writer of an older generation changes nothing.
         asyncio.run(stores[0].persist(session, token_set(newest - 500)))
@@ -418,14 +446,29 @@ def test_concurrent_writers_in_any_order_never_regress_the_generation(
         asyncio.run(session_store.aclose())
 
 
-async def test_an_equal_generation_may_be_rewritten(store: RedisSessionStore) -> None:
-    """Re-saving the same generation (the middleware's commit after the flight persisted it)
-    is allowed; only an older one is refused."""
-    session, _ = await store.save({}, None, token_set(NOW), new_session=True)
+async def test_the_same_token_set_may_be_rewritten_but_a_duplicate_refresh_may_not(
+    store: RedisSessionStore,
+) -> None:
+    """Re-saving the same token set (the middleware's commit after the flight persisted it)
+    is allowed; another refresh of the same generation (a replica that refreshed it too,
+    without a coordinator) is refused: the first written stays."""
+    first = token_set(NOW)
+    session, _ = await store.save({}, None, first, new_session=True)
     assert session is not None
-    same = token_set(NOW)
-    await store.persist(session, same)
-    assert await store.read(session) == same
+
+    def refreshed(access_token: str, at: float) -> TokenSetType:
+        return TokenSetType.from_token_response(
+            {"access_token": access_token, "refresh_token": "rt-" + access_token},
+            issued_at=at,
+            default_lifetime=300,
+            previous=first,
+        )
+
+    ours, theirs = refreshed("at-ours", NOW + 1), refreshed("at-theirs", NOW + 2)
+    assert await store.persist(session, ours)
+    assert await store.persist(session, ours)  # the same again: no conflict
+    assert not await store.persist(session, theirs)  # later, but a duplicate of generation 1
+    assert await store.read(session) == ours
 
 
 async def test_more_concurrent_operations_than_pool_connections_wait_instead_of_failing(

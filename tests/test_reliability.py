@@ -296,25 +296,28 @@ def _run_forever(server: RedisServer) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: stores order generations by issued_at (wall-clock time), so of two "
-    "generations issued in the same instant (or on hosts whose clocks differ) the older one "
-    "can be written last and win: the store then holds a spent refresh token",
-)
 @pytest.mark.parametrize("kind", ["memory", "redis"])
 async def test_a_late_write_of_the_older_of_two_generations_issued_together_never_wins(
     kind: reliability.StoreKind, request: pytest.FixtureRequest
 ) -> None:
     """Part d found it with Redis (a tab's write-back of generation 2 reached Redis after a
     second tab's generation 3, both at the same fake instant; the next refresh presented the
-    spent refresh token and the strict provider revoked the grant). Here, deterministically."""
+    spent refresh token and the strict provider revoked the grant). Stores ordered token sets
+    by issue time then; now by generation. Here, deterministically."""
     url = request.getfixturevalue("redis_server").url if kind == "redis" else None
     clock = FakeClock()
     store = reliability.make_store(kind, clock, url)
     now = clock.time()
-    second = TokenSet("at_2", now + 300, now, "rt_2")
-    third = TokenSet("at_3", now + 300, now, "rt_3")  # refreshed from the second, same instant
+
+    def refreshed(previous: TokenSet, n: int) -> TokenSet:
+        body = {"access_token": f"at_{n}", "refresh_token": f"rt_{n}", "expires_in": 300}
+        return TokenSet.from_token_response(
+            body, issued_at=now, default_lifetime=300, previous=previous
+        )
+
+    login = TokenSet("at_1", now + 300, now, "rt_1")
+    second = refreshed(login, 2)
+    third = refreshed(second, 3)  # refreshed from the second, in the same instant
     try:
         session, _ = await store.save({}, None, second, new_session=True)
         assert session is not None

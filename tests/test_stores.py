@@ -11,12 +11,13 @@ from asgi_token_refresh import (
     ConfigurationError,
     CookieSessionStore,
     MemorySessionStore,
+    RefreshUnavailable,
     ServerSideStore,
     Session,
     SessionStore,
     TokenSet,
 )
-from asgi_token_refresh.kit import parse_cookie_header
+from asgi_token_refresh.kit import BackendSessionStore, parse_cookie_header
 from asgi_token_refresh.testing import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -328,3 +329,146 @@ async def test_a_refresh_token_living_under_a_second_never_writes_max_age_0(
     _, cookies = await store.save({}, None, short, new_session=True)
     assert cookies
     assert all("Max-Age=1;" in cookie for cookie in cookies)  # not 0: that deletes it
+
+
+# -- a backend that is down: refreshed token sets are held, then written ------------------------
+
+
+class FlakyBackend:
+    """A MemoryBackend that fails every call while ``down`` (as a Redis outage does)."""
+
+    def __init__(self) -> None:
+        from asgi_token_refresh._memory_store import MemoryBackend
+
+        self.inner = MemoryBackend(max_sessions=100, clock=FakeClock())
+        self.down = False
+        self.puts = 0
+
+    def _check(self) -> None:
+        if self.down:
+            raise RefreshUnavailable("store_unavailable", retry_after=2.0)
+
+    async def get(self, session_id: str) -> TokenSet | None:
+        self._check()
+        return await self.inner.get(session_id)
+
+    async def put(self, session_id: str, token_set: TokenSet, ttl: float, *, create: bool) -> bool:
+        self._check()
+        self.puts += 1
+        return await self.inner.put(session_id, token_set, ttl, create=create)
+
+    async def delete(self, session_id: str) -> None:
+        self._check()
+        await self.inner.delete(session_id)
+
+
+def refreshed(previous: TokenSet, access: str) -> TokenSet:
+    return TokenSet.from_token_response(
+        {"access_token": access, "refresh_token": "rt-" + access, "expires_in": 300},
+        issued_at=previous.issued_at + 1,
+        default_lifetime=300,
+        previous=previous,
+    )
+
+
+async def login(store: BackendSessionStore, tokens: TokenSet) -> dict[str, str]:
+    _, set_cookies = await store.save({}, None, tokens, new_session=True)
+    return cookies_from(set_cookies)
+
+
+async def test_a_refresh_the_store_could_not_take_is_written_on_the_sessions_next_request() -> None:
+    backend = FlakyBackend()
+    store = BackendSessionStore(backend, secure=False)
+    first = token_set()
+    jar = await login(store, first)
+    session = await store.load(jar)
+    assert session is not None
+
+    backend.down = True
+    second = refreshed(first, "AT2")
+    with pytest.raises(RefreshUnavailable):
+        await store.persist(session, second)  # the flight's write: fails, is held
+    saved, set_cookies = await store.save(jar, session, second)  # the commit: no 503
+    assert saved == Session(second, session.id)
+    assert set_cookies == []
+
+    backend.down = False
+    assert await backend.inner.get(session.id or "") == first  # not written yet
+    assert await store.load(jar) == Session(second, session.id)
+    assert await backend.inner.get(session.id or "") == second  # written now, once
+    puts = backend.puts
+    assert await store.load(jar) == Session(second, session.id)
+    assert backend.puts == puts
+
+
+async def test_held_writes_of_other_sessions_are_flushed_once_the_store_answers() -> None:
+    backend = FlakyBackend()
+    store = BackendSessionStore(backend, secure=False)
+    tokens = [token_set(access=f"AT{i}", refresh=f"RT{i}") for i in range(3)]
+    jars = [await login(store, t) for t in tokens]
+    sessions = [await store.load(jar) for jar in jars]
+    backend.down = True
+    newer = [refreshed(t, f"NEW{i}") for i, t in enumerate(tokens)]
+    for session, token_set_ in zip(sessions, newer, strict=True):
+        assert session is not None
+        await store.save(jars[0], session, token_set_)
+    backend.down = False
+    await store.load({})  # no session: reaches no backend, flushes nothing
+    assert await backend.inner.get(sessions[1].id or "") == tokens[1]  # type: ignore[union-attr]
+    await store.load(jars[0])  # this one reaches the backend: every held write goes in
+    for session, token_set_ in zip(sessions, newer, strict=True):
+        assert session is not None
+        assert await backend.inner.get(session.id or "") == token_set_
+
+
+async def test_a_held_write_never_brings_back_a_session_that_logged_out_meanwhile() -> None:
+    backend = FlakyBackend()
+    store = BackendSessionStore(backend, secure=False)
+    first = token_set()
+    jar = await login(store, first)
+    session = await store.load(jar)
+    assert session is not None
+    backend.down = True
+    await store.save(jar, session, refreshed(first, "AT2"))
+    backend.down = False
+    await backend.inner.delete(session.id or "")  # logged out from another process
+    assert await store.load(jar) is None
+    assert await backend.inner.get(session.id or "") is None
+
+
+async def test_a_held_write_never_overwrites_a_later_generation() -> None:
+    backend = FlakyBackend()
+    store = BackendSessionStore(backend, secure=False)
+    first = token_set()
+    jar = await login(store, first)
+    session = await store.load(jar)
+    assert session is not None
+    backend.down = True
+    second = refreshed(first, "AT2")
+    await store.save(jar, session, second)
+    backend.down = False
+    third = refreshed(second, "AT3")  # another worker refreshed on from what it stored
+    assert await backend.inner.put(session.id or "", third, 300, create=False)
+    assert await store.load(jar) == Session(third, session.id)
+
+
+async def test_a_login_the_store_cannot_take_is_a_503_not_a_held_write() -> None:
+    backend = FlakyBackend()
+    store = BackendSessionStore(backend, secure=False)
+    backend.down = True
+    with pytest.raises(RefreshUnavailable):
+        await store.save({}, None, token_set(), new_session=True)
+
+
+async def test_persist_says_when_another_refresh_of_the_same_generation_was_stored_first() -> None:
+    store = MemorySessionStore(secure=False)
+    first = token_set()
+    session, _ = await store.save({}, None, first, new_session=True)
+    assert session is not None
+    ours, theirs = refreshed(first, "OURS"), refreshed(first, "THEIRS")
+    assert await store.persist(session, theirs) is True
+    assert await store.persist(session, theirs) is True  # the same again (the commit)
+    assert await store.persist(session, ours) is False  # a duplicate refresh: refused
+    assert await store.read(session) == theirs
+    await store.save(cookies_from([]), session, None)
+    assert await store.persist(session, ours) is True  # logged out: refused, no duplicate

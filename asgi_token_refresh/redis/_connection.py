@@ -59,14 +59,27 @@ return {0}
 """
 # KEYS: session. ARGV: generation, sealed token set, ttl ms, create (1/0). Never moves back a
 # generation; with create=0, never brings back a session that is gone (logged out, expired).
+# KEYS: session. ARGV: generation, issued_at, fingerprint, sealed, ttl ms, create (1|0).
+# The supersedes rule of asgi_token_refresh.kit: the same token set again, a later generation,
+# or, for generation 0 (unknown lineage), a later issued_at. A hash written before generations
+# were stored has only 'generation' = its issued_at: read as generation 0.
 STORE_SESSION = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) kind = 'none' end
-if kind == 'none' and ARGV[4] == '0' then return 0 end
-local current = tonumber(redis.call('HGET', KEYS[1], 'generation'))
-if current and current > tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'generation', ARGV[1], 'token_set', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if kind == 'none' and ARGV[6] == '0' then return 0 end
+if kind == 'hash' then
+  local stored = redis.call('HMGET', KEYS[1], 'gen', 'at', 'fp', 'generation')
+  local gen = tonumber(stored[1]) or 0
+  local at = tonumber(stored[2]) or tonumber(stored[4])
+  local new_gen, new_at = tonumber(ARGV[1]), tonumber(ARGV[2])
+  if at and stored[3] ~= ARGV[3] then
+    if new_gen < gen then return 0 end
+    if new_gen == gen and (gen > 0 or new_at <= at) then return 0 end
+  end
+end
+redis.call('HSET', KEYS[1], 'gen', ARGV[1], 'at', ARGV[2], 'fp', ARGV[3], 'token_set', ARGV[4])
+redis.call('HDEL', KEYS[1], 'generation')
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 

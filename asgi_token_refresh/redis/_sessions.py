@@ -82,7 +82,7 @@ class RedisSessionBackend:
             remaining = await client.pttl(old)
             sealed = self._sealer.seal(_serialised(token_set), new.encode())
             ttl = remaining if remaining and remaining > 0 else ms(_MOVED_TTL)
-            await client.eval(STORE_SESSION, 1, new, repr(token_set.issued_at), sealed, ttl, 1)
+            await client.eval(STORE_SESSION, 1, new, *self._order(token_set), sealed, ttl, 1)
             await client.delete(old)
         except redis.exceptions.RedisError as exc:
             raise self._unavailable(exc) from None
@@ -110,11 +110,17 @@ class RedisSessionBackend:
         sealed = self._sealer.seal(_serialised(token_set), key.encode())
         try:
             stored = await self._redis.client().eval(
-                STORE_SESSION, 1, key, repr(token_set.issued_at), sealed, ms(ttl), int(create)
+                STORE_SESSION, 1, key, *self._order(token_set), sealed, ms(ttl), int(create)
             )
         except redis.exceptions.RedisError as exc:
             raise self._unavailable(exc) from None
         return bool(stored)
+
+    def _order(self, token_set: TokenSet) -> tuple[int, str, str]:
+        """What the compare-and-set compares: generation, issue time and a keyed hash of the
+        access token (the same token set written again is not a conflict)."""
+        fingerprint = self._sealer.name("fingerprint", token_set.access_token)
+        return token_set.generation, repr(token_set.issued_at), fingerprint
 
     async def delete(self, session_id: str) -> None:
         try:
