@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._dashboards import add_dashboards_command, run_dashboards
 from ._storm import StormReport, run_storm, side_by_side
 
 if TYPE_CHECKING:
@@ -188,7 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"where to write the picture ({DEFAULT_PNG} in the working directory; "
         "not with --serve)",
     )
+    add_dashboards_command(commands)  # dashboards --out DIR: the dashboard, rules, provisioning
     args = parser.parse_args(argv)
+    if args.command == "dashboards":
+        return run_dashboards(args)
     if args.command == "demo":
         return _demo(args)
 

@@ -1,11 +1,20 @@
 """Build dashboards/asgi-token-refresh.json with the Grafana Foundation SDK (Grafana 11.6 schema).
 
-    python dashboards/generate.py           # (re)write the JSON next to this file
-    python dashboards/generate.py --check   # exit 1 if the committed JSON is not what this builds
+    python -m dashboards.generate           # (re)write the JSON and examples/grafana/provisioning
+    python -m dashboards.generate --check   # exit 1 if either is not what this builds
 
-Edit this file, never the JSON. Every query filters ``job=~"$job", instance=~"$instance"`` (and
-the provider), every rate uses ``$__rate_interval``; ``python -m dashboards.lint`` and
-tests/test_dashboards.py check that, and that every series exists on a real ``/metrics`` page.
+Edit this file, never the JSON. What a monitoring mixin keeps in its ``_config`` (data source,
+the labels that locate a series, a selector every query carries, the runbook) is :class:`Config`;
+:data:`CONFIG` builds the committed JSON, ``render(Config(...))`` builds yours.
+
+Every query filters every template variable (``cluster``, ``namespace``, ``job``, ``instance``,
+``provider``) and every rate uses ``$__rate_interval``; no panel stacks or sums series of
+different providers. ``python -m dashboards.lint`` and tests/test_dashboards.py check all of
+that, and that every series exists on a real ``/metrics`` page.
+
+The first screen answers "is there a storm, where, since when": an overview row of stats (with
+the alerts' state) above six storm panels, per provider (and per instance); the details follow
+in collapsed-free rows below. Red bands on every time series mark the firing alerts.
 """
 
 from __future__ import annotations
@@ -14,26 +23,42 @@ import argparse
 import difflib
 import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard as dashboard_builders
-from grafana_foundation_sdk.builders import prometheus, timeseries
+from grafana_foundation_sdk.builders import prometheus, stat, timeseries
+from grafana_foundation_sdk.cog import builder as cogbuilder
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as dashboard_models
 from grafana_foundation_sdk.models.dashboard import (
     DashboardCursorSync,
+    DashboardLinkType,
     DataSourceRef,
+    DynamicConfigValue,
     Threshold,
     ThresholdsMode,
+    VariableHide,
     VariableOption,
     VariableRefresh,
     VariableSort,
 )
 
-OUTPUT = Path(__file__).resolve().parent / "asgi-token-refresh.json"
-UID = "asgi-token-refresh"
-TITLE = "asgi-token-refresh: single-flight token refresh"
+from asgi_token_refresh._dashboards import provisioning_files
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+OUTPUT = HERE / "asgi-token-refresh.json"
+#: The Grafana provisioning of examples/grafana (compose.yaml): the `dashboards` command's
+#: output for that setup, written and checked with the JSON.
+EXAMPLE_PROVISIONING = ROOT / "examples" / "grafana" / "provisioning"
+EXAMPLE_PROMETHEUS_URL = "http://127.0.0.1:19090"
+EXAMPLE_DASHBOARDS_PATH = "/var/lib/grafana/dashboards/asgi-token-refresh"
+EXAMPLE_SCRAPE_INTERVAL = "15s"  # examples/grafana/prometheus.yml's
 
 #: The alert thresholds of alerts.yaml, drawn as dashed lines on the matching panels.
 STORM_SHARE = 0.1
@@ -41,10 +66,66 @@ INVALID_GRANT_RATIO = 0.05
 PROVIDER_ERROR_RATIO = 0.1
 SLOW_P99_SECONDS = 2.0
 
-DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
-FILTER = 'job=~"$job", instance=~"$instance", asgi_token_refresh_provider=~"$provider"'
-# The provider label is the OAuth2Client's name, present on every series.
-BY_PROVIDER = "asgi_token_refresh_provider"
+REPOSITORY = "https://github.com/asgi-token-refresh/asgi-token-refresh/blob/main"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The dashboard's configuration, like a monitoring mixin's ``_config``.
+
+    The variables are named ``cluster``, ``namespace``, ``job``, ``instance`` and ``provider``
+    whatever labels they list. ``cluster`` and ``namespace`` are optional: their *All* is ``.*``,
+    which also matches a series without the label, so the dashboard works unchanged where
+    Prometheus adds neither (one cluster, no Kubernetes).
+    """
+
+    uid: str = "asgi-token-refresh"
+    title: str = "asgi-token-refresh: single-flight token refresh"
+    tags: tuple[str, ...] = ("asgi-token-refresh", "oauth2")
+    datasource_type: str = "prometheus"
+    #: Labels the variables list and every query filters.
+    cluster_label: str = "cluster"
+    namespace_label: str = "namespace"
+    job_label: str = "job"
+    instance_label: str = "instance"
+    provider_label: str = "asgi_token_refresh_provider"  # the OAuth2Client's name
+    #: Matchers every query carries besides the variables' (a mixin's ``jobSelector``), for
+    #: example ``'job=~"web-.*"'``. Empty: every job that exports the library's metrics.
+    selector: str = ""
+    #: ``False`` hides the cluster variable (its *All* still matches everything).
+    show_cluster: bool = True
+    #: The runbook the panels link to; alerts.yaml's ``runbook_url`` point at its sections.
+    runbook_url: str = f"{REPOSITORY}/dashboards/RUNBOOK.md"
+    docs_url: str = f"{REPOSITORY}/dashboards/README.md"
+    #: alerts.yaml's alert names start with this (the alert-state panel and the annotation).
+    alert_prefix: str = "AsgiTokenRefresh"
+    refresh: str = "30s"
+    time_from: str = "now-1h"
+
+    def variables(self) -> tuple[tuple[str, str, str], ...]:
+        """``(variable, label, all value)`` in the order they are shown and chained."""
+        return (
+            ("cluster", self.cluster_label, ".*"),
+            ("namespace", self.namespace_label, ".*"),
+            ("job", self.job_label, ".+"),
+            ("instance", self.instance_label, ".+"),
+            ("provider", self.provider_label, ".+"),
+        )
+
+    def matchers(self, *, absent_ok: frozenset[str] = frozenset()) -> str:
+        """Every variable's matcher (``absent_ok``: variables whose label a series may lack,
+        matched as ``"$var|"``), then :attr:`selector`."""
+        found = [
+            f'{label}=~"${name}{"|" if name in absent_ok else ""}"'
+            for name, label, _ in self.variables()
+        ]
+        return ", ".join([*found, *([self.selector] if self.selector else [])])
+
+    def runbook(self, alert: str | None = None) -> str:
+        return f"{self.runbook_url}#{alert.lower()}" if alert else self.runbook_url
+
+
+CONFIG = Config()
 
 REFRESHES = "asgi_token_refresh_refreshes_total"
 TOKEN_REQUESTS = "asgi_token_refresh_token_requests_total"
@@ -52,206 +133,413 @@ TOKEN_FRESH = "asgi_token_refresh_token_fresh_total"
 COORDINATOR_ERRORS = "asgi_token_refresh_coordinator_errors_total"
 LOGOUTS = "asgi_token_refresh_logouts_total"
 TERMINAL_FAILURES = "asgi_token_refresh_terminal_failures_total"
+DUPLICATES = "asgi_token_refresh_refresh_duplicates_total"
 DURATION = "asgi_token_refresh_refresh_duration_seconds"
 ACTIVE = "asgi_token_refresh_refresh_active"
 WAITERS = "asgi_token_refresh_refresh_waiters"
 INTERVAL = "asgi_token_refresh_refresh_interval_seconds"
+#: Prometheus's own series of the alerting rules' state.
+ALERTS = "ALERTS"
 # The <= 30 s bucket: "30.0" from the Python exporter and Prometheus 3, "30" from Go exporters
 # scraped by Prometheus 2.
 RAPID_BUCKET = 'le=~"30|30[.]0"'
 NOT_LEADER = 'asgi_token_refresh_dedupe!="leader"'
+SUCCESS = 'asgi_token_refresh_outcome="success"'
 INVALID_GRANT = 'asgi_token_refresh_outcome="invalid_grant"'
 PROVIDER_ERRORS = 'asgi_token_refresh_outcome=~"provider_error|timeout|network_error"'
+REFRESH_TOKEN_GRANT = 'asgi_token_refresh_grant="refresh_token"'
+STORE_CONFLICT = 'asgi_token_refresh_detected_by="store_conflict"'
+NOT_STORE_CONFLICT = 'asgi_token_refresh_detected_by!="store_conflict"'
+
+# Runbook sections (RUNBOOK.md's headings: the alert names).
+STORM = "AsgiTokenRefreshStorm"
+INVALID_GRANT_SPIKE = "AsgiTokenRefreshInvalidGrantSpike"
+PROVIDER_ERRORS_ALERT = "AsgiTokenRefreshProviderErrors"
+SLOW = "AsgiTokenRefreshSlow"
+TERMINAL = "AsgiTokenRefreshTerminalFailures"
+CLIENT_REJECTED = "AsgiTokenRefreshClientRejected"
+COORDINATOR_DOWN = "AsgiTokenRefreshCoordinatorDown"
+
+#: The overview row: stats, then the storm panels; all of it above this many grid units (a
+#: 1080p screen shows about 20 below Grafana's header and variables).
+FIRST_SCREEN = 20
+STAT_HEIGHT = 4
+STORM_HEIGHT = 7
 
 
-def selector(metric: str, *matchers: str) -> str:
-    return f"{metric}{{{', '.join((FILTER, *matchers))}}}"
+class Queries:
+    """PromQL for one :class:`Config`: every selector filtered by every variable."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.provider = config.provider_label
+        self.datasource = DataSourceRef(type_val=config.datasource_type, uid="${datasource}")
+
+    def selector(self, metric: str, *matchers: str) -> str:
+        return f"{metric}{{{', '.join((self.config.matchers(), *matchers))}}}"
+
+    def rate(self, metric: str, *matchers: str) -> str:
+        return f"rate({self.selector(metric, *matchers)}[$__rate_interval])"
+
+    def summed(self, by: str, metric: str, *matchers: str) -> str:
+        """The rate of ``metric`` summed ``by`` labels that always include the provider: no
+        query adds up providers."""
+        labels = by if by == self.provider else f"{by}, {self.provider}"
+        return f"sum by ({labels}) ({self.rate(metric, *matchers)})"
+
+    def per_provider(self, metric: str, *matchers: str) -> str:
+        return self.summed(self.provider, metric, *matchers)
+
+    def or_zero(self, expr: str) -> str:
+        """``expr``, or 0 for a provider without such a series yet (every provider reports
+        the fresh-path counter from its start)."""
+        return f"{expr}\nor on ({self.provider})\n0 * {self.per_provider(TOKEN_FRESH)}"
+
+    def share(self, metric: str, matcher: str) -> str:
+        """The per-provider share of ``metric`` matching ``matcher``: 0, not nothing, for a
+        provider whose matching series never counted."""
+        total = self.per_provider(metric)
+        return divided(f"(\n{self.per_provider(metric, matcher)}\nor\n0 * {total}\n)", total)
+
+    def quantile(self, q: float, histogram: str) -> str:
+        return f"histogram_quantile({q}, {self.summed('le', f'{histogram}_bucket')})"
+
+    def alerts(self, state: Literal["firing", "pending"]) -> str:
+        """Alerts of alerts.yaml in ``state``, counted per provider; 0 when there are none.
+
+        Alerts carry only the labels their rules aggregate by (job and provider): a series
+        without cluster, namespace or instance is let through (``"$var|"``)."""
+        config = self.config
+        matchers = config.matchers(absent_ok=frozenset({"cluster", "namespace", "instance"}))
+        selected = (
+            f'{ALERTS}{{alertname=~"{config.alert_prefix}.*", alertstate="{state}", {matchers}}}'
+        )
+        return f"count by ({self.provider}) ({selected})\nor on ()\nvector(0)"
+
+    def firing(self) -> str:
+        config = self.config
+        matchers = config.matchers(absent_ok=frozenset({"cluster", "namespace", "instance"}))
+        return f'{ALERTS}{{alertname=~"{config.alert_prefix}.*", alertstate="firing", {matchers}}}'
 
 
-def rate(metric: str, *matchers: str) -> str:
-    return f"rate({selector(metric, *matchers)}[$__rate_interval])"
-
-
-def summed(by: str, metric: str, *matchers: str) -> str:
-    return f"sum by ({by}) ({rate(metric, *matchers)})"
+def legend(label: str) -> str:
+    """A Grafana legend placeholder for ``label``."""
+    return "{{" + label + "}}"
 
 
 def divided(numerator: str, denominator: str) -> str:
     return f"{numerator}\n/\n{denominator}"
 
 
-def share(metric: str, matcher: str) -> str:
-    """The per-provider share of ``metric`` matching ``matcher``: 0, not nothing, for a provider
-    whose matching series was never incremented (a counter only appears when it first counts)."""
-    total = summed(BY_PROVIDER, metric)
-    return divided(f"(\n{summed(BY_PROVIDER, metric, matcher)}\nor\n0 * {total}\n)", total)
+Link = dashboard_models.DashboardLink
 
 
-def quantile(q: float, histogram: str) -> str:
-    return f"histogram_quantile({q}, {summed(f'{BY_PROVIDER}, le', f'{histogram}_bucket')})"
+class Panels:
+    """Panel builders sharing a :class:`Queries` and the config's links."""
 
+    def __init__(self, queries: Queries) -> None:
+        self.q = queries
+        self.config = queries.config
 
-def query(expr: str, legend: str, ref_id: str) -> prometheus.Dataquery:
-    return (
-        prometheus.Dataquery()
-        .expr(expr)
-        .legend_format(legend)
-        .ref_id(ref_id)
-        .range()
-        .datasource(DATASOURCE)
-    )
-
-
-def panel(
-    title: str,
-    description: str,
-    unit: str,
-    *targets: tuple[str, str],
-    stacked: bool = False,
-    ratio: bool = False,
-    threshold: float | None = None,
-    log_scale: bool = False,
-) -> timeseries.Panel:
-    built = (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DATASOURCE)
-        .unit(unit)
-        .height(8)
-        .span(12)
-        .line_width(1)
-        .fill_opacity(10)
-        .show_points(common.VisibilityMode.NEVER)
-        .legend(
-            common_builders.VizLegendOptions()
-            .display_mode(common.LegendDisplayMode.LIST)
-            .placement(common.LegendPlacement.BOTTOM)
-            .show_legend(True)
+    def _query(self, expr: str, legend: str, ref_id: str) -> prometheus.Dataquery:
+        return (
+            prometheus.Dataquery()
+            .expr(expr)
+            .legend_format(legend)
+            .ref_id(ref_id)
+            .range()
+            .datasource(self.q.datasource)
         )
-        .tooltip(
-            common_builders.VizTooltipOptions()
-            .mode(common.TooltipDisplayMode.MULTI)
-            .sort(common.SortOrder.DESCENDING)
-        )
-    )
-    if not log_scale:  # a log axis has no 0
-        built = built.min(0)
-    for index, (expr, legend) in enumerate(targets):
-        built = built.with_target(query(expr, legend, "ABCDEFGH"[index]))
-    if stacked:
-        built = built.stacking(
-            common_builders.StackingConfig().mode(common.StackingMode.NORMAL)
-        ).fill_opacity(40)
-    if ratio:
-        built = built.max(1).decimals(1)
-    if log_scale:
-        built = built.scale_distribution(
-            common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
-        )
-    if threshold is not None:
-        built = built.thresholds(
-            dashboard_builders.ThresholdsConfig()
-            .mode(ThresholdsMode.ABSOLUTE)
-            .steps([Threshold(None, "green"), Threshold(threshold, "red")])
-        ).thresholds_style(
-            common_builders.GraphThresholdsStyleConfig().mode(
-                common.GraphThresholdsStyleMode.DASHED
+
+    def _links(self, runbooks: Sequence[str]) -> list[cogbuilder.Builder[Link]]:
+        return [
+            dashboard_builders.DashboardLink(f"Runbook: {alert}")
+            .type(DashboardLinkType.LINK)
+            .url(self.config.runbook(alert))
+            .target_blank(True)
+            for alert in runbooks
+        ]
+
+    def lines(
+        self,
+        title: str,
+        description: str,
+        unit: str,
+        *targets: tuple[str, str],
+        runbooks: Sequence[str] = (),
+        height: int = 8,
+        width: int = 12,
+        ratio: bool = False,
+        threshold: float | None = None,
+        log_scale: bool = False,
+    ) -> timeseries.Panel:
+        """A line per series, never stacked: series of several providers never add up."""
+        built = (
+            timeseries.Panel()
+            .title(title)
+            .description(description)
+            .datasource(self.q.datasource)
+            .unit(unit)
+            .height(height)
+            .span(width)
+            .line_width(1)
+            .fill_opacity(10)
+            .show_points(common.VisibilityMode.NEVER)
+            .stacking(common_builders.StackingConfig().mode(common.StackingMode.NONE))
+            .legend(
+                common_builders.VizLegendOptions()
+                .display_mode(common.LegendDisplayMode.LIST)
+                .placement(common.LegendPlacement.BOTTOM)
+                .show_legend(True)
+            )
+            .tooltip(
+                common_builders.VizTooltipOptions()
+                .mode(common.TooltipDisplayMode.MULTI)
+                .sort(common.SortOrder.DESCENDING)
             )
         )
-    return built
+        if runbooks:
+            built = built.links(self._links(runbooks))
+        if not log_scale:  # a log axis has no 0
+            built = built.min(0)
+        for index, (expr, legend) in enumerate(targets):
+            built = built.with_target(self._query(expr, legend, "ABCDEFGH"[index]))
+        if ratio:
+            built = built.max(1).decimals(1)
+        if log_scale:
+            built = built.scale_distribution(
+                common_builders.ScaleDistributionConfig().type(common.ScaleDistribution.LOG).log(10)
+            )
+        if threshold is not None:
+            built = built.thresholds(
+                dashboard_builders.ThresholdsConfig()
+                .mode(ThresholdsMode.ABSOLUTE)
+                .steps([Threshold(None, "green"), Threshold(threshold, "red")])
+            ).thresholds_style(
+                common_builders.GraphThresholdsStyleConfig().mode(
+                    common.GraphThresholdsStyleMode.DASHED
+                )
+            )
+        return built
+
+    def storm(
+        self,
+        title: str,
+        description: str,
+        unit: str,
+        *targets: tuple[str, str],
+        runbooks: Sequence[str],
+        ratio: bool = False,
+        threshold: float | None = None,
+    ) -> timeseries.Panel:
+        """A panel of the first screen: a third of its width."""
+        return self.lines(
+            title,
+            description,
+            unit,
+            *targets,
+            runbooks=runbooks,
+            height=STORM_HEIGHT,
+            width=8,
+            ratio=ratio,
+            threshold=threshold,
+        )
+
+    def big(
+        self,
+        title: str,
+        description: str,
+        unit: str,
+        *targets: tuple[str, str],
+        runbooks: Sequence[str] = (),
+        warn_above: float | None = None,
+        width: int = 3,
+        decimals: float | None = None,
+    ) -> stat.Panel:
+        """An overview stat: one value per provider (never a sum over providers), the last
+        one, over a sparkline; orange above ``warn_above``."""
+        steps = [Threshold(None, "green" if warn_above is not None else "blue")]
+        if warn_above is not None:
+            steps.append(Threshold(warn_above, "orange"))
+        built = (
+            stat.Panel()
+            .title(title)
+            .description(description)
+            .datasource(self.q.datasource)
+            .unit(unit)
+            .height(STAT_HEIGHT)
+            .span(width)
+            .graph_mode(common.BigValueGraphMode.AREA)
+            .color_mode(common.BigValueColorMode.VALUE)
+            .text_mode(common.BigValueTextMode.VALUE_AND_NAME)
+            .justify_mode(common.BigValueJustifyMode.AUTO)
+            .orientation(common.VizOrientation.AUTO)
+            .reduce_options(common_builders.ReduceDataOptions().calcs(["lastNotNull"]))
+            .thresholds(
+                dashboard_builders.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps)
+            )
+        )
+        if decimals is not None:
+            built = built.decimals(decimals)
+        if runbooks:
+            built = built.links(self._links(runbooks))
+        for index, (expr, legend) in enumerate(targets):
+            built = built.with_target(self._query(expr, legend, "ABCDEFGH"[index]))
+        return built
+
+    def alert_state(self) -> stat.Panel:
+        """Alerts of alerts.yaml firing (red) and pending (orange), per provider."""
+        red = [Threshold(None, "green"), Threshold(1, "red")]
+        orange = {
+            "mode": "absolute",
+            "steps": [{"color": "green"}, {"color": "orange", "value": 1}],
+        }
+        return (
+            self.big(
+                "Alerts firing / pending",
+                f"Alerts of alerts.yaml ({self.config.alert_prefix}*) per provider, from "
+                "Prometheus's ALERTS series: firing (red above 0) and pending (orange: the "
+                "condition holds, its for: duration has not passed yet). 0 when none is active. "
+                "The red bands on the time series below mark firing alerts: when a storm began. "
+                "Each alert's runbook section is linked from the panels it concerns.",
+                "none",
+                (self.q.alerts("firing"), f"{legend(self.q.provider)} firing"),
+                (self.q.alerts("pending"), f"{legend(self.q.provider)} pending"),
+                runbooks=(),
+                width=6,
+                decimals=0,
+            )
+            .graph_mode(common.BigValueGraphMode.NONE)
+            .color_mode(common.BigValueColorMode.BACKGROUND)
+            .thresholds(
+                dashboard_builders.ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(red)
+            )
+            .override_by_query("B", [DynamicConfigValue(id_val="thresholds", value=orange)])
+            .links(
+                [
+                    dashboard_builders.DashboardLink("Runbook: every alert")
+                    .type(DashboardLinkType.LINK)
+                    .url(self.config.runbook())
+                    .target_blank(True)
+                ]
+            )
+        )
 
 
-def label_variable(name: str, query_text: str) -> dashboard_builders.QueryVariable:
-    return (
+def label_variable(
+    config: Config, datasource: DataSourceRef, name: str, label: str, all_value: str, query: str
+) -> dashboard_builders.QueryVariable:
+    built = (
         dashboard_builders.QueryVariable(name)
         .label(name)
-        .datasource(DATASOURCE)
-        .query(query_text)
+        .datasource(datasource)
+        .query(query)
         .multi(True)
         .include_all(True)
-        .all_value(".+")
+        .all_value(all_value)
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(VariableSort.ALPHABETICAL_ASC)
         .current(VariableOption(selected=True, text=["All"], value=["$__all"]))
     )
+    if name == "cluster" and not config.show_cluster:
+        built = built.hide(VariableHide.HIDE_VARIABLE)
+    return built
 
 
-def build() -> dashboard_builders.Dashboard:
-    refreshes_by_outcome = panel(
-        "Refreshes/s by outcome",
-        "Calls to the token endpoint per second, one per flight, by outcome (success, "
-        "invalid_grant, invalid_client, provider_error, timeout, network_error). With "
-        "single-flight this stays near sessions / token lifetime; a storm shows as a multiple "
-        "of it. Source: asgi_token_refresh.refreshes.",
+def variables(config: Config, datasource: DataSourceRef) -> list[dashboard_builders.QueryVariable]:
+    """The label variables, each listing its label among the series the ones before it select."""
+    built: list[dashboard_builders.QueryVariable] = []
+    before: list[str] = []
+    for name, label, all_value in config.variables():
+        matchers = [*before, *([config.selector] if config.selector else [])]
+        series = f"{TOKEN_FRESH}{{{', '.join(matchers)}}}" if matchers else TOKEN_FRESH
+        query = f"label_values({series}, {label})"
+        built.append(label_variable(config, datasource, name, label, all_value, query))
+        before.append(f'{label}=~"${name}"')
+    return built
+
+
+def build(config: Config = CONFIG) -> dashboard_builders.Dashboard:
+    q = Queries(config)
+    p = Panels(q)
+    provider = legend(q.provider)
+
+    # -- overview: stats ------------------------------------------------------------------------
+    provider_calls = p.big(
+        "Provider calls/s",
+        "Calls to the token endpoint per second, per provider (all outcomes). With single-flight "
+        "it stays near active sessions / access-token lifetime; a storm is a multiple of that. "
+        "Source: asgi_token_refresh.refreshes.",
         "reqps",
-        (
-            summed(f"{BY_PROVIDER}, asgi_token_refresh_outcome", REFRESHES),
-            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_outcome}}",
-        ),
-        stacked=True,
+        (q.per_provider(REFRESHES), provider),
+        runbooks=(STORM,),
     )
-    fresh_vs_refreshes = panel(
-        "Fresh hits vs refreshes",
-        "Token requests served on the fresh path (no lock, no I/O), requests that needed a new "
-        "token (any dedupe path), and actual calls to the token endpoint. Healthy: fresh hits "
-        "dominate and refreshes are a small fraction of the requests that needed a token. Log "
-        "scale. Sources: asgi_token_refresh.token.fresh, .token.requests, .refreshes.",
-        "reqps",
-        (summed(BY_PROVIDER, TOKEN_FRESH), "{{asgi_token_refresh_provider}} fresh path"),
-        (summed(BY_PROVIDER, TOKEN_REQUESTS), "{{asgi_token_refresh_provider}} needed a new token"),
-        (summed(BY_PROVIDER, REFRESHES), "{{asgi_token_refresh_provider}} token endpoint calls"),
-        log_scale=True,
-    )
-    by_dedupe_path = panel(
-        "Token requests by dedupe path",
-        "Callers that needed a new token, by how they were served: leader (started the flight), "
-        "joined (waited for a flight in progress), grace_cache (a straggler handed the token "
-        "that replaced its own), negative_cache (a failure remembered for a while), distributed "
-        "(the flight was served the result another process published through the coordinator; "
-        "counted besides that flight's leader). All but leader are dedupe hits. Source: "
-        "asgi_token_refresh.token.requests.",
-        "reqps",
-        (
-            summed(f"{BY_PROVIDER}, asgi_token_refresh_dedupe", TOKEN_REQUESTS),
-            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_dedupe}}",
-        ),
-        stacked=True,
-    )
-    dedupe_share = panel(
-        "Dedupe share (non-leader / all token requests)",
-        "The share of callers needing a new token that did not cause a token-endpoint call: "
-        'token.requests{asgi_token_refresh_dedupe!="leader"} / token.requests. High under '
-        "bursts of parallel requests per session; a drop to 0 while refreshes rise means "
-        "every caller refreshes on its own (a naive refresh path, or one refresher per request).",
+    dedupe = p.big(
+        "Dedupe share",
+        "Share of the callers that needed a new token and were served without a token-endpoint "
+        "call of their own (joined a flight, grace cache, negative cache, another process). "
+        "High under bursts; 0 while calls rise means every caller refreshes on its own. "
+        "Source: asgi_token_refresh.token.requests.",
         "percentunit",
-        (share(TOKEN_REQUESTS, NOT_LEADER), "{{asgi_token_refresh_provider}}"),
-        ratio=True,
+        (q.share(TOKEN_REQUESTS, NOT_LEADER), provider),
+        decimals=1,
     )
-    waiters = panel(
-        "Waiters per flight",
-        "Callers served by each flight, the leader included (1 = nobody joined): the mean and "
-        "the p99 over flights. Large values are expected under bursts; they are the storms the "
-        "single flight absorbed. Source: asgi_token_refresh.refresh.waiters.",
+    invalid_grants = p.big(
+        "invalid_grant/s",
+        "Token-endpoint calls answered invalid_grant per second, per provider: refresh tokens "
+        "reused, revoked or expired; with reuse detection the user is logged out. Orange above "
+        "0. Source: asgi_token_refresh.refreshes.",
+        "reqps",
+        (q.or_zero(q.per_provider(REFRESHES, INVALID_GRANT)), provider),
+        runbooks=(INVALID_GRANT_SPIKE,),
+        warn_above=0.001,
+    )
+    terminal_rate = p.big(
+        "Terminal failures/s",
+        "Failures surfaced to a caller that no retry fixes (invalid_grant, invalid_client, "
+        "no_session, downstream_401), per second and provider: those users must log in "
+        "again. Orange above 0. Source: asgi_token_refresh.terminal_failures.",
+        "reqps",
+        (q.or_zero(q.per_provider(TERMINAL_FAILURES)), provider),
+        runbooks=(TERMINAL, CLIENT_REJECTED),
+        warn_above=0.001,
+    )
+    duplicates = p.big(
+        "Duplicate refreshes/s",
+        "Refreshes that repeated one someone else had already made (replicas sharing sessions "
+        "without a shared coordinator), per second and provider. 0 with a Redis or file "
+        "coordinator. Orange above 0. Source: asgi_token_refresh.refresh.duplicates.",
+        "reqps",
+        (q.or_zero(q.per_provider(DUPLICATES)), provider),
+        runbooks=(STORM, COORDINATOR_DOWN),
+        warn_above=0.001,
+    )
+    active = p.big(
+        "Flights in progress",
+        "Refresh flights running now, per provider over the selected instances (a gauge at "
+        "scrape time). Near 0; a plateau at the refresher's max_concurrency means flights queue "
+        "behind a slow provider. Source: asgi_token_refresh.refresh.active.",
         "short",
-        (
-            divided(summed(BY_PROVIDER, f"{WAITERS}_sum"), summed(BY_PROVIDER, f"{WAITERS}_count")),
-            "{{asgi_token_refresh_provider}} mean",
-        ),
-        (quantile(0.99, WAITERS), "{{asgi_token_refresh_provider}} p99"),
+        (f"sum by ({q.provider}) ({q.selector(ACTIVE)})", provider),
+        runbooks=(SLOW,),
+        decimals=0,
     )
-    in_progress = panel(
-        "Flights in progress per instance",
-        "Refresh flights running now, per instance (a gauge sampled at scrape time). Stays "
-        "near 0; a plateau at the refresher's max_concurrency means flights queue behind a slow "
-        "provider. Source: asgi_token_refresh.refresh.active.",
-        "short",
+
+    # -- overview: storm panels -----------------------------------------------------------------
+    refreshes_by_outcome = p.storm(
+        "Refreshes/s by outcome",
+        "Calls to the token endpoint per second, one per flight, per provider and outcome "
+        "(success, invalid_grant, invalid_client, provider_error, timeout, network_error); "
+        "lines, never stacked. With single-flight this stays near sessions / token lifetime; a "
+        "storm shows as a multiple of it, and when it began. Source: asgi_token_refresh.refreshes.",
+        "reqps",
         (
-            f"sum by (instance, {BY_PROVIDER}) ({selector(ACTIVE)})",
-            "{{instance}} {{asgi_token_refresh_provider}}",
+            q.summed("asgi_token_refresh_outcome", REFRESHES),
+            provider + " {{asgi_token_refresh_outcome}}",
         ),
+        runbooks=(STORM, INVALID_GRANT_SPIKE, PROVIDER_ERRORS_ALERT),
     )
-    rapid = panel(
+    rapid = p.storm(
         "Rapid re-refresh share (interval ≤ 30 s)",
         "Share of refreshes that came 30 s or less after the previous refresh of the same "
         "session: a storm the dedupe did not stop (an API rejecting fresh tokens, tokens that "
@@ -261,15 +549,16 @@ def build() -> dashboard_builders.Dashboard:
         "percentunit",
         (
             divided(
-                summed(BY_PROVIDER, f"{INTERVAL}_bucket", RAPID_BUCKET),
-                summed(BY_PROVIDER, f"{INTERVAL}_count"),
+                q.per_provider(f"{INTERVAL}_bucket", RAPID_BUCKET),
+                q.per_provider(f"{INTERVAL}_count"),
             ),
-            "{{asgi_token_refresh_provider}}",
+            provider,
         ),
+        runbooks=(STORM,),
         ratio=True,
         threshold=STORM_SHARE,
     )
-    invalid_grant = panel(
+    invalid_grant = p.storm(
         "invalid_grant ratio",
         "Share of token-endpoint calls answered invalid_grant: the refresh token was revoked, "
         "expired, or already used (a provider with reuse detection then revokes the whole "
@@ -277,62 +566,170 @@ def build() -> dashboard_builders.Dashboard:
         "line is the AsgiTokenRefreshInvalidGrantSpike threshold. Source: "
         "asgi_token_refresh.refreshes.",
         "percentunit",
-        (share(REFRESHES, INVALID_GRANT), "{{asgi_token_refresh_provider}}"),
+        (q.share(REFRESHES, INVALID_GRANT), provider),
+        runbooks=(INVALID_GRANT_SPIKE,),
         ratio=True,
         threshold=INVALID_GRANT_RATIO,
     )
-    provider_errors = panel(
+    successes = q.per_provider(REFRESHES, SUCCESS, REFRESH_TOKEN_GRANT)
+    per_rotation = p.storm(
+        "Refreshes per grant rotation",
+        "Token-endpoint calls per rotation of a session's refresh token that was kept: "
+        "(successful refresh-token refreshes + duplicates the provider refused) / (successful "
+        "refresh-token refreshes - duplicates that lost the race to store). 1.0 is healthy: "
+        "every rotation cost one provider call. Above 1, replicas refresh the same sessions "
+        "(no shared coordinator, or it is down): 2.0 is two calls per rotation. No line while "
+        "nothing was refreshed. Sources: asgi_token_refresh.refreshes, .refresh.duplicates.",
+        "short",
+        (
+            divided(
+                f"(\n{successes}\n+\n({q.or_zero(q.per_provider(DUPLICATES, NOT_STORE_CONFLICT))})"
+                "\n)",
+                f"(\n{successes}\n-\n({q.or_zero(q.per_provider(DUPLICATES, STORE_CONFLICT))})\n)",
+            ),
+            provider,
+        ),
+        runbooks=(STORM, COORDINATOR_DOWN),
+    )
+    by_instance = p.storm(
+        "Refreshes/s per instance",
+        "Calls to the token endpoint per second, per instance and provider: where a storm "
+        "comes from (one replica, or all of them: a deploy, a restart, a client-side change). "
+        "Source: asgi_token_refresh.refreshes.",
+        "reqps",
+        (q.summed(q.config.instance_label, REFRESHES), "{{instance}} " + provider),
+        runbooks=(STORM,),
+    )
+    duplicates_by = p.storm(
+        "Duplicate refreshes by detected_by",
+        "Refreshes that repeated someone else's, per second, by how they were noticed: "
+        "store_conflict (the store already held another token set of that generation), "
+        "newer_stored (the provider refused the token and the store holds its successor), "
+        "spent_here (the provider refused a refresh token this process spent moments ago). "
+        "A line at 0 per provider when none happened. Source: "
+        "asgi_token_refresh.refresh.duplicates.",
+        "reqps",
+        (
+            q.or_zero(q.summed("asgi_token_refresh_detected_by", DUPLICATES)),
+            provider + " {{asgi_token_refresh_detected_by}}",
+        ),
+        runbooks=(STORM, COORDINATOR_DOWN),
+    )
+
+    # -- below the fold -------------------------------------------------------------------------
+    fresh_vs_refreshes = p.lines(
+        "Fresh hits vs refreshes",
+        "Token requests served on the fresh path (no lock, no I/O), requests that needed a new "
+        "token (any dedupe path), and actual calls to the token endpoint. Healthy: fresh hits "
+        "dominate and refreshes are a small fraction of the requests that needed a token. Log "
+        "scale. Sources: asgi_token_refresh.token.fresh, .token.requests, .refreshes.",
+        "reqps",
+        (q.per_provider(TOKEN_FRESH), provider + " fresh path"),
+        (q.per_provider(TOKEN_REQUESTS), provider + " needed a new token"),
+        (q.per_provider(REFRESHES), provider + " token endpoint calls"),
+        log_scale=True,
+    )
+    latency = p.lines(
+        "Refresh latency p50 / p90 / p99",
+        "Duration of refresh flights (queueing for a slot, the token-endpoint call, store "
+        "re-reads), from the histogram's buckets. The dashed line is the AsgiTokenRefreshSlow "
+        "threshold for p99. Source: asgi_token_refresh.refresh.duration.",
+        "s",
+        (q.quantile(0.5, DURATION), provider + " p50"),
+        (q.quantile(0.9, DURATION), provider + " p90"),
+        (q.quantile(0.99, DURATION), provider + " p99"),
+        runbooks=(SLOW,),
+        threshold=SLOW_P99_SECONDS,
+    )
+    by_dedupe_path = p.lines(
+        "Token requests by dedupe path",
+        "Callers that needed a new token, by how they were served: leader (started the flight), "
+        "joined (waited for a flight in progress), grace_cache (a straggler handed the token "
+        "that replaced its own), negative_cache (a failure remembered for a while), distributed "
+        "(the flight's leader was served the result another process published through the "
+        "coordinator). Each caller counts once. All but leader are dedupe hits. Lines, never "
+        "stacked. Source: asgi_token_refresh.token.requests.",
+        "reqps",
+        (
+            q.summed("asgi_token_refresh_dedupe", TOKEN_REQUESTS),
+            provider + " {{asgi_token_refresh_dedupe}}",
+        ),
+    )
+    dedupe_share = p.lines(
+        "Dedupe share (non-leader / all token requests)",
+        "The share of callers needing a new token that did not cause a token-endpoint call: "
+        'token.requests{asgi_token_refresh_dedupe!="leader"} / token.requests. High under '
+        "bursts of parallel requests per session; a drop to 0 while refreshes rise means "
+        "every caller refreshes on its own (a naive refresh path, or one refresher per request).",
+        "percentunit",
+        (q.share(TOKEN_REQUESTS, NOT_LEADER), provider),
+        ratio=True,
+    )
+    waiters = p.lines(
+        "Waiters per flight",
+        "Callers served by each flight, the leader included (1 = nobody joined): the mean and "
+        "the p99 over flights. Large values are expected under bursts; they are the storms the "
+        "single flight absorbed. Source: asgi_token_refresh.refresh.waiters.",
+        "short",
+        (
+            divided(q.per_provider(f"{WAITERS}_sum"), q.per_provider(f"{WAITERS}_count")),
+            provider + " mean",
+        ),
+        (q.quantile(0.99, WAITERS), provider + " p99"),
+    )
+    in_progress = p.lines(
+        "Flights in progress per instance",
+        "Refresh flights running now, per instance (a gauge sampled at scrape time). Stays "
+        "near 0; a plateau at the refresher's max_concurrency means flights queue behind a slow "
+        "provider. Source: asgi_token_refresh.refresh.active.",
+        "short",
+        (
+            f"sum by ({q.config.instance_label}, {q.provider}) ({q.selector(ACTIVE)})",
+            "{{instance}} " + provider,
+        ),
+        runbooks=(SLOW,),
+    )
+    terminal = p.lines(
+        "Terminal failures by error.type and component",
+        "Failures surfaced to a caller that no retry can fix, per second, by error.type "
+        "(invalid_grant, invalid_client, no_session, downstream_401) and component (asgi: the "
+        "middleware's accessor; httpx: TokenAuth, when an API refused a freshly refreshed "
+        "token; login: the login callback). The user must log in again. Lines, never stacked. "
+        "Source: asgi_token_refresh.terminal_failures.",
+        "reqps",
+        (
+            q.summed("error_type, asgi_token_refresh_component", TERMINAL_FAILURES),
+            provider + " {{error_type}} ({{asgi_token_refresh_component}})",
+        ),
+        runbooks=(TERMINAL, CLIENT_REJECTED),
+    )
+    provider_errors = p.lines(
         "Provider error ratio",
         "Share of token-endpoint calls that failed transiently: provider_error (5xx, 429, "
         "malformed answer), timeout, network_error. Callers get 503 with Retry-After and keep "
         "their session. The dashed line is the AsgiTokenRefreshProviderErrors threshold. "
         "Source: asgi_token_refresh.refreshes.",
         "percentunit",
-        (share(REFRESHES, PROVIDER_ERRORS), "{{asgi_token_refresh_provider}}"),
+        (q.share(REFRESHES, PROVIDER_ERRORS), provider),
+        runbooks=(PROVIDER_ERRORS_ALERT,),
         ratio=True,
         threshold=PROVIDER_ERROR_RATIO,
     )
-    terminal = panel(
-        "Terminal failures by error.type and component",
-        "Failures surfaced to a caller that no retry can fix, per second, by error.type "
-        "(invalid_grant, invalid_client, no_session, downstream_401) and component (asgi: the "
-        "middleware's accessor; httpx: TokenAuth, when an API refused a freshly refreshed "
-        "token). The user must log in again. Source: asgi_token_refresh.terminal_failures.",
-        "reqps",
-        (
-            summed(f"{BY_PROVIDER}, error_type, asgi_token_refresh_component", TERMINAL_FAILURES),
-            "{{asgi_token_refresh_provider}} {{error_type}} ({{asgi_token_refresh_component}})",
-        ),
-        stacked=True,
-    )
-    latency = panel(
-        "Refresh latency p50 / p90 / p99",
-        "Duration of refresh flights (queueing for a slot, the token-endpoint call, store "
-        "re-reads), from the histogram's buckets. The dashed line is the AsgiTokenRefreshSlow "
-        "threshold for p99. Source: asgi_token_refresh.refresh.duration.",
-        "s",
-        (quantile(0.5, DURATION), "{{asgi_token_refresh_provider}} p50"),
-        (quantile(0.9, DURATION), "{{asgi_token_refresh_provider}} p90"),
-        (quantile(0.99, DURATION), "{{asgi_token_refresh_provider}} p99"),
-        threshold=SLOW_P99_SECONDS,
-    )
-    coordinator_errors = panel(
+    coordinator_errors = p.lines(
         "Coordinator errors",
         "Failures of the cross-process coordinator (Redis, file) per second, by coordinator. "
         "During an outage flights coordinate within each process only: processes sharing "
-        "sessions may refresh the same one concurrently (watch the invalid_grant ratio). "
+        "sessions may refresh the same one concurrently (watch the duplicates). "
         "0 (one line per provider, no coordinator label) when none ever failed, as with the "
         "default local coordinator. Source: asgi_token_refresh.coordinator.errors.",
         "ops",
         (
-            # Every provider reports the fresh-path counter from the start.
-            f"{summed(f'{BY_PROVIDER}, asgi_token_refresh_coordinator', COORDINATOR_ERRORS)}\n"
-            f"or on ({BY_PROVIDER})\n0 * {summed(BY_PROVIDER, TOKEN_FRESH)}",
-            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_coordinator}}",
+            q.or_zero(q.summed("asgi_token_refresh_coordinator", COORDINATOR_ERRORS)),
+            provider + " {{asgi_token_refresh_coordinator}}",
         ),
+        runbooks=(COORDINATOR_DOWN,),
     )
-
-    logouts = panel(
+    logouts = p.lines(
         "Logouts by revocation",
         "Sessions ended by logout per second, by what became of the grant at the provider: "
         "revoked (RFC 7009), unsupported (the provider publishes no revocation endpoint: the "
@@ -340,25 +737,24 @@ def build() -> dashboard_builders.Dashboard:
         "Source: asgi_token_refresh.logouts.",
         "ops",
         (
-            f"{summed(f'{BY_PROVIDER}, asgi_token_refresh_revocation', LOGOUTS)}\n"
-            f"or on ({BY_PROVIDER})\n0 * {summed(BY_PROVIDER, TOKEN_FRESH)}",
-            "{{asgi_token_refresh_provider}} {{asgi_token_refresh_revocation}}",
+            q.or_zero(q.summed("asgi_token_refresh_revocation", LOGOUTS)),
+            provider + " {{asgi_token_refresh_revocation}}",
         ),
     )
 
-    fresh_query = f"label_values({TOKEN_FRESH}, job)"
-    return (
-        dashboard_builders.Dashboard(TITLE)
-        .uid(UID)
+    built = (
+        dashboard_builders.Dashboard(config.title)
+        .uid(config.uid)
         .description(
-            "Single-flight OAuth2 token refresh (asgi-token-refresh): refresh rate and outcomes, "
-            "dedupe, storms, terminal failures, latency. Generated by dashboards/generate.py."
+            "Single-flight OAuth2 token refresh (asgi-token-refresh). First screen: is there a "
+            "refresh storm, where (provider, instance), since when (red bands: firing alerts). "
+            "Below: dedupe, failures, latency, coordination. Generated by dashboards/generate.py."
         )
-        .tags(["asgi-token-refresh", "oauth2"])
+        .tags(list(config.tags))
         .readonly()
         .timezone("browser")
-        .time("now-1h", "now")
-        .refresh("30s")
+        .time(config.time_from, "now")
+        .refresh(config.refresh)
         .tooltip(DashboardCursorSync.CROSSHAIR)
         .annotation(
             dashboard_builders.AnnotationQuery()
@@ -370,71 +766,128 @@ def build() -> dashboard_builders.Dashboard:
             .icon_color("rgba(0, 211, 255, 1)")
             .type("dashboard")
         )
+        .annotation(
+            dashboard_builders.AnnotationQuery()
+            .name(f"{config.alert_prefix} alerts firing")
+            .datasource(q.datasource)
+            .enable(True)
+            .hide(False)
+            .icon_color("red")
+            .expr(q.firing())
+        )
+        .link(
+            dashboard_builders.DashboardLink("Runbook")
+            .type(DashboardLinkType.LINK)
+            .icon("doc")
+            .tooltip("What to do for each alert")
+            .url(config.runbook())
+            .target_blank(True)
+        )
+        .link(
+            dashboard_builders.DashboardLink("Metrics and panels")
+            .type(DashboardLinkType.LINK)
+            .icon("info")
+            .tooltip("Every metric, label and panel of this dashboard")
+            .url(config.docs_url)
+            .target_blank(True)
+        )
+        .link(
+            dashboard_builders.DashboardLink("asgi-token-refresh")
+            .type(DashboardLinkType.DASHBOARDS)
+            .tags([config.tags[0]])
+            .as_dropdown(True)
+            .include_vars(True)
+            .keep_time(True)
+        )
         .with_variable(
             dashboard_builders.DatasourceVariable("datasource")
             .label("Data source")
-            .type("prometheus")
+            .type(config.datasource_type)
         )
-        .with_variable(label_variable("job", fresh_query))
-        .with_variable(
-            label_variable("instance", f'label_values({TOKEN_FRESH}{{job=~"$job"}}, instance)')
-        )
-        .with_variable(
-            label_variable(
-                "provider",
-                f'label_values({TOKEN_FRESH}{{job=~"$job", instance=~"$instance"}}, '
-                f"{BY_PROVIDER})",
-            )
-        )
-        .with_row(dashboard_builders.Row("Refreshes"))
-        .with_panel(refreshes_by_outcome)
-        .with_panel(fresh_vs_refreshes)
-        .with_row(dashboard_builders.Row("Dedupe"))
-        .with_panel(by_dedupe_path)
-        .with_panel(dedupe_share)
-        .with_panel(waiters)
-        .with_panel(in_progress)
-        .with_row(dashboard_builders.Row("Storms and failures"))
-        .with_panel(rapid)
-        .with_panel(invalid_grant)
-        .with_panel(terminal)
-        .with_panel(provider_errors)
-        .with_row(dashboard_builders.Row("Latency and coordination"))
-        .with_panel(latency)
-        .with_panel(coordinator_errors)
-        .with_panel(logouts)
     )
+    for variable in variables(config, q.datasource):
+        built = built.with_variable(variable)
+    built = built.with_row(dashboard_builders.Row("Overview: is there a storm, where, since when"))
+    for each in (
+        p.alert_state(),
+        provider_calls,
+        dedupe,
+        invalid_grants,
+        terminal_rate,
+        duplicates,
+        active,
+        refreshes_by_outcome,
+        rapid,
+        invalid_grant,
+        per_rotation,
+        by_instance,
+        duplicates_by,
+    ):
+        built = built.with_panel(each)
+    rows: tuple[tuple[str, tuple[timeseries.Panel, ...]], ...] = (
+        ("Refreshes and latency", (fresh_vs_refreshes, latency)),
+        ("Dedupe", (by_dedupe_path, dedupe_share, waiters, in_progress)),
+        ("Failures", (terminal, provider_errors)),
+        ("Coordination and logouts", (coordinator_errors, logouts)),
+    )
+    for title, panels in rows:
+        built = built.with_row(dashboard_builders.Row(title))
+        for each in panels:
+            built = built.with_panel(each)
+    return built
 
 
-def render() -> str:
+def render(config: Config = CONFIG) -> str:
     """The dashboard JSON, with stable panel ids and sorted keys."""
-    model = json.loads(json.dumps(build().build(), cls=JSONEncoder))
+    model = json.loads(json.dumps(build(config).build(), cls=JSONEncoder))
     for number, each in enumerate(model["panels"], start=1):
         each["id"] = number
     return json.dumps(model, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build dashboards/asgi-token-refresh.json.")
-    parser.add_argument("--check", action="store_true", help="fail if the JSON is out of date")
-    args = parser.parse_args(argv)
-    built = render()
-    if not args.check:
-        OUTPUT.write_text(built)
-        return 0
-    committed = OUTPUT.read_text() if OUTPUT.exists() else ""
-    if committed == built:
-        return 0
-    sys.stderr.writelines(
-        difflib.unified_diff(
-            committed.splitlines(keepends=True),
-            built.splitlines(keepends=True),
-            str(OUTPUT.name),
-            "generate.py",
-        )
+def example_provisioning() -> dict[Path, str]:
+    """examples/grafana/provisioning: what ``asgi-token-refresh dashboards`` writes for the
+    compose setup (Prometheus on 19090, the dashboard mounted where the provider looks)."""
+    files = provisioning_files(
+        prometheus_url=EXAMPLE_PROMETHEUS_URL,
+        dashboards_path=EXAMPLE_DASHBOARDS_PATH,
+        scrape_interval=EXAMPLE_SCRAPE_INTERVAL,
+        default_datasource=True,
     )
-    print(f"{OUTPUT} is out of date: run python dashboards/generate.py", file=sys.stderr)
-    return 1
+    folder = EXAMPLE_PROVISIONING.parent
+    return {folder.joinpath(*relative.split("/")): text for relative, text in files.items()}
+
+
+def outputs() -> dict[Path, str]:
+    return {OUTPUT: render(), **example_provisioning()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Build dashboards/asgi-token-refresh.json and examples/grafana/provisioning."
+    )
+    parser.add_argument("--check", action="store_true", help="fail if either is out of date")
+    args = parser.parse_args(argv)
+    stale = 0
+    for path, built in outputs().items():
+        if not args.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(built)
+            continue
+        committed = path.read_text() if path.exists() else ""
+        if committed == built:
+            continue
+        stale += 1
+        sys.stderr.writelines(
+            difflib.unified_diff(
+                committed.splitlines(keepends=True),
+                built.splitlines(keepends=True),
+                str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                "generate.py",
+            )
+        )
+        print(f"{path} is out of date: run python -m dashboards.generate", file=sys.stderr)
+    return 1 if stale else 0
 
 
 if __name__ == "__main__":

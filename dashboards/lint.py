@@ -7,8 +7,15 @@ rules of Grafana's dashboard-linter that apply to PromQL:
 - counters (``*_total``, ``*_bucket``, ``*_count``, ``*_sum``, and whatever the page types as a
   counter or histogram) only as the range argument of ``rate()`` or ``increase()``; gauges never;
 - ``histogram_quantile()`` over an aggregation that keeps ``le``;
-- in the dashboard: every selector filters ``job=~"$job"`` and ``instance=~"$instance"``, every
-  range is ``[$__rate_interval]``, and each template variable's ``label_values()`` is valid too.
+- in the dashboard: every selector filters every template variable (``cluster``, ``namespace``,
+  ``job``, ``instance``, ``provider``: ``label=~"$variable"``, the label read from the variable's
+  ``label_values()``), every range is ``[$__rate_interval]``, and each variable's
+  ``label_values()`` is valid and filters the variables before it; Prometheus's ``ALERTS`` may be
+  selected too, and may let a series without a label through (``label=~"$variable|"``: alerts
+  keep only the labels their rules aggregate by);
+- never add up providers: in the dashboard every aggregation keeps the provider label, and no
+  panel stacks its series (Grafana's stacking adds them up), unless the panel is repeated per
+  provider.
 
     python -m dashboards.lint     # lints dashboards/asgi-token-refresh.json and alerts.yaml
 """
@@ -38,6 +45,10 @@ RATE_INTERVAL_RANGE = timedelta(seconds=7777)
 DASHBOARD_MATCHERS = {"job": "$job", "instance": "$instance"}
 # A template variable's name -> the label it lists (the library's labels are namespaced).
 VARIABLE_LABELS = {"provider": "asgi_token_refresh_provider"}
+PROVIDER_LABEL = "asgi_token_refresh_provider"
+#: Series Prometheus itself makes from the rules, which a dashboard may select: a selector of
+#: one may match ``label=~"$variable|"`` (the label absent, as the rules aggregated it away).
+PROMETHEUS_SERIES = {"ALERTS": "gauge", "ALERTS_FOR_STATE": "gauge"}
 _LABEL_VALUES = re.compile(r"^\s*label_values\((?:(?P<expr>.+),\s*)?(?P<label>\w+)\)\s*$", re.S)
 
 
@@ -59,11 +70,15 @@ def lint_expr(
     *,
     dashboard: bool,
     recorded: frozenset[str] = frozenset(),
+    matchers: Mapping[str, str] = DASHBOARD_MATCHERS,
+    keep_label: str | None = None,
 ) -> list[str]:
     """Problems with one expression (empty if none).
 
     ``series_types`` maps every sample name of the ``/metrics`` page to its family's type;
-    ``recorded`` names the series recording rules add (allowed in rule files).
+    ``recorded`` names the series recording rules add (allowed in rule files). In a dashboard,
+    every selector needs ``label=~"$variable"`` for each of ``matchers`` (label -> ``$variable``)
+    and, with ``keep_label``, every aggregation must keep that label.
     """
     try:
         tree = parse(expr)
@@ -91,18 +106,49 @@ def lint_expr(
         if dashboard:
             if isinstance(parent, pq.MatrixSelector) and parent.range != RATE_INTERVAL_RANGE:
                 problems.append(f"{where}: use [$__rate_interval] as the range")
-            for label, variable in DASHBOARD_MATCHERS.items():
+            absent_ok = name in PROMETHEUS_SERIES
+            for label, variable in matchers.items():
+                allowed = {variable, f"{variable}|"} if absent_ok else {variable}
                 if not any(
-                    (m.name, m.value) == (label, variable) and m.op == pq.MatchOp.Re
+                    m.name == label and m.value in allowed and m.op == pq.MatchOp.Re
                     for m in selector.matchers.matchers
                 ):
                     problems.append(f'{where}: missing {label}=~"{variable}"')
     problems += _histogram_quantiles(tree)
+    if dashboard and keep_label is not None:
+        problems += _aggregations_drop(tree, keep_label)
     return problems
 
 
-def lint_label_values(query: str, series_types: Mapping[str, str], label: str) -> list[str]:
-    """A template variable's ``label_values(selector, label)`` query."""
+def _aggregations_drop(tree: pq.Expr, label: str) -> list[str]:
+    """Aggregations that add up series of different values of ``label`` (a sum over
+    providers): every one must be ``by (..., label, ...)`` or ``without`` it."""
+    problems: list[str] = []
+
+    def check(node: Any) -> None:
+        if isinstance(node, pq.AggregateExpr):
+            modifier = node.modifier
+            keeps = modifier is not None and (
+                (modifier.type == pq.AggModifierType.By and label in modifier.labels)
+                or (modifier.type == pq.AggModifierType.Without and label not in modifier.labels)
+            )
+            if not keeps:
+                problems.append(f"{node.op}(): aggregate by ({label}, ...): never add it up")
+        for child in _children(node):
+            check(child)
+
+    check(tree)
+    return problems
+
+
+def lint_label_values(
+    query: str,
+    series_types: Mapping[str, str],
+    label: str,
+    matchers: Mapping[str, str] | None = None,
+) -> list[str]:
+    """A template variable's ``label_values(selector, label)`` query; its selector must carry
+    ``matchers`` (label -> ``$variable``: those of the variables before it)."""
     match = _LABEL_VALUES.match(query)
     if match is None or match.group("expr") is None:
         return [f"{query!r}: not label_values(selector, label)"]
@@ -114,7 +160,12 @@ def lint_label_values(query: str, series_types: Mapping[str, str], label: str) -
         return [f"{query!r} does not parse: {exc}"]
     if not isinstance(tree, pq.VectorSelector) or tree.name not in series_types:
         return [f"{query!r}: select one series the library exports"]
-    return []
+    found = {(m.name, m.value) for m in tree.matchers.matchers if m.op == pq.MatchOp.Re}
+    return [
+        f'{query!r}: missing {name}=~"{variable}"'
+        for name, variable in (matchers or {}).items()
+        if (name, variable) not in found
+    ]
 
 
 def _selectors(tree: pq.Expr) -> Iterator[tuple[pq.VectorSelector, list[Any]]]:
@@ -179,6 +230,42 @@ def dashboard_queries(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]
             yield panel["title"], target["expr"]
 
 
+def annotation_queries(dashboard: Mapping[str, Any]) -> Iterator[tuple[str, str]]:
+    """``(annotation name, expr)`` for every PromQL annotation."""
+    for annotation in dashboard.get("annotations", {}).get("list", []):
+        if annotation.get("expr"):
+            yield annotation["name"], annotation["expr"]
+
+
+def variable_matchers(dashboard: Mapping[str, Any]) -> dict[str, str]:
+    """label -> ``$variable`` for every ``label_values()`` variable, in order."""
+    found: dict[str, str] = {}
+    for name, query in template_queries(dashboard):
+        match = _LABEL_VALUES.match(query)
+        if match is not None:
+            found[match.group("label")] = f"${name}"
+    return found
+
+
+def provider_variable(dashboard: Mapping[str, Any]) -> str | None:
+    return variable_matchers(dashboard).get(PROVIDER_LABEL, "").removeprefix("$") or None
+
+
+def stacking_problems(panel: Mapping[str, Any], provider: str | None) -> list[str]:
+    """A panel that stacks its series adds up those of different providers, unless Grafana
+    repeats it per provider (one provider per copy)."""
+    field_config = panel.get("fieldConfig", {})
+    modes = [field_config.get("defaults", {}).get("custom", {}).get("stacking", {}).get("mode")]
+    for override in field_config.get("overrides", []):
+        for prop in override.get("properties", []):
+            if prop.get("id") == "custom.stacking" and isinstance(prop.get("value"), dict):
+                modes.append(prop["value"].get("mode"))
+    stacked = any(mode not in (None, "none") for mode in modes)
+    if stacked and (provider is None or panel.get("repeat") != provider):
+        return ["stacks series of several providers: draw lines, or repeat it per provider"]
+    return []
+
+
 def _panels(dashboard: Mapping[str, Any]) -> Iterator[Mapping[str, Any]]:
     for panel in dashboard.get("panels", []):
         yield panel
@@ -206,17 +293,55 @@ def recorded_series(rules: Mapping[str, Any]) -> frozenset[str]:
     )
 
 
-def lint_dashboard(dashboard: Mapping[str, Any], series_types: Mapping[str, str]) -> list[str]:
+def lint_dashboard(
+    dashboard: Mapping[str, Any],
+    series_types: Mapping[str, str],
+    alert_names: frozenset[str] | None = None,
+) -> list[str]:
+    """Every panel target, annotation and variable query of ``dashboard``; ``alert_names``
+    (the rule file's alerts): an ``alertname`` matcher must match one of them."""
+    matchers = variable_matchers(dashboard)
+    series = {**series_types, **PROMETHEUS_SERIES}
+    queries = [*dashboard_queries(dashboard), *annotation_queries(dashboard)]
     problems = [
         f"{title}: {expr!r}: {problem}"
-        for title, expr in dashboard_queries(dashboard)
-        for problem in lint_expr(expr, series_types, dashboard=True)
+        for title, expr in queries
+        for problem in lint_expr(
+            expr, series, dashboard=True, matchers=matchers, keep_label=PROVIDER_LABEL
+        )
     ]
+    if alert_names is not None:
+        problems += [
+            f"{title}: {expr!r}: {problem}"
+            for title, expr in queries
+            for problem in _alert_names(expr, alert_names)
+        ]
+    before: dict[str, str] = {}
+    for name, query in template_queries(dashboard):
+        label = VARIABLE_LABELS.get(name, name)
+        problems += [
+            f"variable {name}: {problem}"
+            for problem in lint_label_values(query, series_types, label, before)
+        ]
+        before[label] = f"${name}"
+    provider = provider_variable(dashboard)
     problems += [
-        f"variable {name}: {problem}"
-        for name, query in template_queries(dashboard)
-        for problem in lint_label_values(query, series_types, VARIABLE_LABELS.get(name, name))
+        f"{panel['title']}: {problem}"
+        for panel in _panels(dashboard)
+        for problem in stacking_problems(panel, provider)
     ]
+    return problems
+
+
+def _alert_names(expr: str, alert_names: frozenset[str]) -> list[str]:
+    problems = []
+    for selector, _ in _selectors(parse(expr)):
+        for m in selector.matchers.matchers:
+            if m.name != "alertname":
+                continue
+            pattern = re.compile(m.value if m.op == pq.MatchOp.Re else re.escape(m.value))
+            if not any(pattern.fullmatch(name) for name in alert_names):
+                problems.append(f"alertname {m.value!r} matches no alert of the rule file")
     return problems
 
 
@@ -235,8 +360,12 @@ def main() -> int:
     from dashboards.scrape import scrape
 
     series_types = scrape().series_types()
-    problems = lint_dashboard(json.loads(DASHBOARD.read_text()), series_types)
-    problems += lint_rules(yaml.safe_load(RULES.read_text()), series_types)
+    rules = yaml.safe_load(RULES.read_text())
+    alerts = frozenset(
+        rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule
+    )
+    problems = lint_dashboard(json.loads(DASHBOARD.read_text()), series_types, alerts)
+    problems += lint_rules(rules, series_types)
     for problem in problems:
         print(problem, file=sys.stderr)
     return 1 if problems else 0

@@ -146,18 +146,145 @@ def test_the_json_decodes_as_a_grafana_11_dashboard_model(dashboard: dict[str, A
 def test_the_dashboard_is_stable_read_only_and_templated(dashboard: dict[str, Any]) -> None:
     assert dashboard["uid"] == "asgi-token-refresh"
     assert dashboard["editable"] is False
-    assert dashboard["schemaVersion"] >= 39  # Grafana 11
+    assert dashboard["schemaVersion"] >= 41  # Grafana 11.6 and 12's dashboard model
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables)[:3] == ["datasource", "job", "instance"]
+    assert list(variables) == ["datasource", "cluster", "namespace", "job", "instance", "provider"]
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     assert variables["datasource"]["label"] == "Data source"
-    for name in ("job", "instance", "provider"):
+    for name in ("cluster", "namespace", "job", "instance", "provider"):
         variable = variables[name]
         assert variable["type"] == "query"
         assert variable["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert variable["multi"] is True
         assert variable["includeAll"] is True
+        assert variable["current"]["value"] == ["$__all"]
+
+
+def test_cluster_and_namespace_are_optional(dashboard: dict[str, Any]) -> None:
+    # "All" is ".*", which matches a series without the label (its value is ""): the dashboard
+    # works where Prometheus adds no cluster or namespace. tests/test_prometheus_e2e.py runs it
+    # against a target with a namespace label and no cluster label.
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    for name in ("cluster", "namespace"):
+        assert re.fullmatch(variables[name]["allValue"], "")
+    for name in ("job", "instance", "provider"):  # always there
+        assert variables[name]["allValue"] == ".+"
+    # Each variable lists its label among the series the variables before it select.
+    assert lint.variable_matchers(dashboard) == {
+        "cluster": "$cluster",
+        "namespace": "$namespace",
+        "job": "$job",
+        "instance": "$instance",
+        "asgi_token_refresh_provider": "$provider",
+    }
+
+
+def test_the_config_block_drives_every_query() -> None:
+    config = generate.Config(
+        cluster_label="k8s_cluster",
+        namespace_label="kube_namespace",
+        selector='env="prod"',
+        runbook_url="https://runbooks.example/asgi-token-refresh",
+        show_cluster=False,
+    )
+    mine = json.loads(generate.render(config))
+    variables = {v["name"]: v for v in mine["templating"]["list"]}
+    assert variables["cluster"]["query"].endswith(", k8s_cluster)")
+    assert variables["cluster"]["hide"] == 2
+    assert 'k8s_cluster=~"$cluster"' in variables["namespace"]["query"]
+    queries = [*lint.dashboard_queries(mine), *lint.annotation_queries(mine)]
+    assert len(queries) > 20
+    for title, expr in queries:
+        for selector, _ in lint._selectors(lint.parse(expr)):
+            found = {(m.name, m.value) for m in selector.matchers.matchers}
+            assert ("env", "prod") in found, (title, expr)
+            assert {("k8s_cluster", "$cluster"), ("k8s_cluster", "$cluster|")} & found, title
+            assert {("kube_namespace", "$namespace"), ("kube_namespace", "$namespace|")} & found
+    links = [link["url"] for p in _panels(mine) for link in p.get("links", [])]
+    assert links
+    assert all(url.startswith("https://runbooks.example/asgi-token-refresh") for url in links)
+    assert json.loads(generate.render()) == json.loads(DASHBOARD_JSON.read_text())
+
+
+def test_the_first_screen_answers_is_there_a_storm_where_since_when(
+    dashboard: dict[str, Any],
+) -> None:
+    top = dashboard["panels"]
+    assert top[0]["type"] == "row"
+    assert top[0]["gridPos"]["y"] == 0
+    first_screen = [
+        p
+        for p in top[1:]
+        if p["type"] != "row" and p["gridPos"]["y"] + p["gridPos"]["h"] <= generate.FIRST_SCREEN
+    ]
+    [second_row, *_] = [p for p in top[1:] if p["type"] == "row"]
+    assert all(p["gridPos"]["y"] < second_row["gridPos"]["y"] for p in first_screen)
+    stats = [p for p in first_screen if p["type"] == "stat"]
+    assert {p["title"] for p in stats} == {
+        "Alerts firing / pending",
+        "Provider calls/s",
+        "Dedupe share",
+        "invalid_grant/s",
+        "Terminal failures/s",
+        "Duplicate refreshes/s",
+        "Flights in progress",
+    }
+    assert all(p["gridPos"]["y"] == 1 for p in stats)  # the overview row of stats, on top
+    storms = {p["title"] for p in first_screen if p["type"] == "timeseries"}
+    assert storms == {
+        "Refreshes/s by outcome",
+        "Rapid re-refresh share (interval ≤ 30 s)",
+        "invalid_grant ratio",
+        "Refreshes per grant rotation",
+        "Refreshes/s per instance",
+        "Duplicate refreshes by detected_by",
+    }
+    # The alert state: Prometheus's ALERTS for the rule file's alerts, and red bands for the
+    # firing ones on every time series (since when).
+    [alert_state] = [p for p in stats if p["title"] == "Alerts firing / pending"]
+    assert all("ALERTS{" in t["expr"] for t in alert_state["targets"])
+    [band] = [a for a in dashboard["annotations"]["list"] if a.get("expr")]
+    assert band["expr"].startswith("ALERTS{")
+    assert 'alertstate="firing"' in band["expr"]
+    assert band["enable"] is True
+
+
+def test_no_panel_stacks_series(dashboard: dict[str, Any]) -> None:
+    # Stacking adds up the series of a panel: with "All" providers, those of several providers.
+    for panel in _panels(dashboard):
+        if panel["type"] == "timeseries":
+            custom = panel["fieldConfig"]["defaults"]["custom"]
+            assert custom["stacking"]["mode"] == "none", panel["title"]
+        assert lint.stacking_problems(panel, "provider") == [], panel["title"]
+
+
+def test_panels_and_the_dashboard_link_to_the_runbook(
+    dashboard: dict[str, Any], rules: dict[str, Any]
+) -> None:
+    anchors = _runbook_anchors()
+    base = generate.CONFIG.runbook_url
+    # The alerts' runbook_url and the panels' links point at the same runbook.
+    for alert in _alerts(rules):
+        assert alert["annotations"]["runbook_url"].startswith(base + "#")
+    linked = set()
+    for panel in _panels(dashboard):
+        for link in panel.get("links", []):
+            url, _, anchor = link["url"].partition("#")
+            assert url == base, panel["title"]
+            assert link["targetBlank"] is True
+            if anchor:
+                assert anchor in anchors, f"{panel['title']}: no RUNBOOK.md section #{anchor}"
+                linked.add(anchor)
+    linked_alerts = {a for a in ALERTS if a.lower() in linked}
+    assert linked_alerts == ALERTS, "every alert's runbook section is linked from a panel"
+    storm_panels = {"Refreshes/s by outcome", "Rapid re-refresh share (interval ≤ 30 s)"}
+    for panel in _panels(dashboard):
+        if panel["title"] in storm_panels:
+            assert any(link["url"].endswith("#asgitokenrefreshstorm") for link in panel["links"])
+    links = {link["title"]: link for link in dashboard["links"]}
+    assert links["Runbook"]["url"] == base
+    assert links["asgi-token-refresh"]["type"] == "dashboards"
 
 
 def test_every_panel_has_a_title_description_unit_and_the_datasource_variable(
@@ -216,7 +343,8 @@ def test_every_panel_variable_and_rule_expression_lints_clean(
     live: scrape.Scrape, dashboard: dict[str, Any], rules: dict[str, Any]
 ) -> None:
     series = live.series_types()
-    assert lint.lint_dashboard(dashboard, series) == []
+    alerts = frozenset(a["alert"] for a in _alerts(rules))
+    assert lint.lint_dashboard(dashboard, series, alerts) == []
     assert lint.lint_rules(rules, series) == []
     assert len(list(lint.dashboard_queries(dashboard))) >= len(REQUIRED_PANELS)
 
@@ -291,6 +419,108 @@ def test_the_linter_passes_good_dashboard_and_rule_expressions() -> None:
     rule = "sum by (job) (rate(x_total[5m])) / job:x:rate5m > 0.1"
     assert lint.lint_expr(rule, SERIES, dashboard=False, recorded=frozenset({"job:x:rate5m"})) == []
     assert lint.lint_expr(rule, SERIES, dashboard=False) != []  # job:x:rate5m: not recorded
+
+
+PROVIDER = 'asgi_token_refresh_provider=~"$provider"'
+VARIABLES = {"job": "$job", "instance": "$instance", "asgi_token_refresh_provider": "$provider"}
+
+
+@pytest.mark.parametrize(
+    ("expr", "problem"),
+    [
+        (
+            f'rate(x_total{{{GOOD}, asgi_token_refresh_provider="$provider"}}[$__rate_interval])',
+            'missing asgi_token_refresh_provider=~"$provider"',
+        ),
+        (f"rate(x_total{{{GOOD}}}[$__rate_interval])", "missing asgi_token_refresh_provider"),
+        (f"sum(rate(x_total{{{GOOD}, {PROVIDER}}}[$__rate_interval]))", "never add it up"),
+        (f"sum by (job) (g{{{GOOD}, {PROVIDER}}})", "never add it up"),
+        (
+            f"sum without (asgi_token_refresh_provider) (g{{{GOOD}, {PROVIDER}}})",
+            "never add it up",
+        ),
+        # "$var|" lets a series without the label through: only for Prometheus's ALERTS.
+        (f'g{{job=~"$job|", instance=~"$instance", {PROVIDER}}}', 'missing job=~"$job"'),
+    ],
+)
+def test_the_linter_keeps_providers_apart_and_every_variable_filtered(
+    expr: str, problem: str
+) -> None:
+    problems = lint.lint_expr(
+        expr, SERIES, dashboard=True, matchers=VARIABLES, keep_label=lint.PROVIDER_LABEL
+    )
+    assert any(problem in p for p in problems), problems
+
+
+def test_the_linter_passes_per_provider_queries_and_alerts() -> None:
+    good = [
+        f"sum by (asgi_token_refresh_provider) (g{{{GOOD}, {PROVIDER}}})",
+        f"sum without (le) (rate(h_bucket{{{GOOD}, {PROVIDER}}}[$__rate_interval]))",
+        f'count by (asgi_token_refresh_provider) (ALERTS{{job=~"$job", instance=~"$instance|", '
+        f"{PROVIDER}}}) or on () vector(0)",
+    ]
+    series = {**SERIES, **lint.PROMETHEUS_SERIES}
+    for expr in good:
+        problems = lint.lint_expr(
+            expr, series, dashboard=True, matchers=VARIABLES, keep_label=lint.PROVIDER_LABEL
+        )
+        assert problems == [], (expr, problems)
+
+
+def _dashboard_with(panel: dict[str, Any], *, annotation: str | None = None) -> dict[str, Any]:
+    variables = [
+        {"name": name, "type": "query", "query": query}
+        for name, query in (
+            ("job", "label_values(g, job)"),
+            ("provider", 'label_values(g{job=~"$job"}, asgi_token_refresh_provider)'),
+        )
+    ]
+    annotations = [{"name": "band", "expr": annotation}] if annotation else []
+    return {
+        "panels": [panel],
+        "templating": {"list": variables},
+        "annotations": {"list": annotations},
+    }
+
+
+def test_the_linter_catches_stacking_variables_and_alert_names() -> None:
+    selector = f'g{{job=~"$job", {PROVIDER}}}'
+    expr = f"sum by (asgi_token_refresh_provider) ({selector})"
+    stacked = {
+        "title": "stacked",
+        "fieldConfig": {"defaults": {"custom": {"stacking": {"mode": "normal"}}}},
+        "targets": [{"expr": expr}],
+    }
+    assert lint.lint_dashboard(_dashboard_with({**stacked, "repeat": "provider"}), SERIES) == []
+    [problem] = lint.lint_dashboard(_dashboard_with(stacked), SERIES)
+    assert "stacks series of several providers" in problem
+    override = {
+        "title": "override",
+        "fieldConfig": {
+            "defaults": {},
+            "overrides": [
+                {"properties": [{"id": "custom.stacking", "value": {"mode": "percent"}}]}
+            ],
+        },
+        "targets": [{"expr": expr}],
+    }
+    assert "stacks series" in lint.lint_dashboard(_dashboard_with(override), SERIES)[0]
+
+    lines = {"title": "lines", "targets": [{"expr": expr}]}
+    assert lint.lint_dashboard(_dashboard_with(lines), SERIES) == []
+    unfiltered = {"title": "unfiltered", "targets": [{"expr": 'g{job=~"$job"}'}]}
+    assert any(
+        'missing asgi_token_refresh_provider=~"$provider"' in p
+        for p in lint.lint_dashboard(_dashboard_with(unfiltered), SERIES)
+    )
+    band = f'ALERTS{{alertname=~"Other.*", job=~"$job", {PROVIDER}}}'
+    problems = lint.lint_dashboard(
+        _dashboard_with(lines, annotation=band), SERIES, frozenset({"AsgiTokenRefreshStorm"})
+    )
+    assert any("matches no alert of the rule file" in p for p in problems), problems
+    unchained = _dashboard_with(lines)
+    unchained["templating"]["list"][1]["query"] = "label_values(g, asgi_token_refresh_provider)"
+    assert any('missing job=~"$job"' in p for p in lint.lint_dashboard(unchained, SERIES))
 
 
 def test_the_linter_checks_label_values_queries() -> None:
@@ -401,9 +631,9 @@ def test_compose_and_grafana_provisioning_agree() -> None:
     assert "127.0.0.1:3000:3000" in services["demo"]["ports"]
 
     provisioning = GRAFANA_EXAMPLE / "provisioning"
-    [datasource] = yaml.safe_load((provisioning / "datasources" / "prometheus.yaml").read_text())[
-        "datasources"
-    ]
+    [datasource] = yaml.safe_load(
+        (provisioning / "datasources" / "asgi-token-refresh.yaml").read_text()
+    )["datasources"]
     assert datasource["type"] == "prometheus"
     assert datasource["url"] == f"http://127.0.0.1:{port}"
     assert datasource["isDefault"] is True
@@ -428,6 +658,17 @@ def test_compose_and_grafana_provisioning_agree() -> None:
     sdk_pin = re.search(r'"grafana-foundation-sdk==\d+!([\d.]+)"', _pyproject())
     assert sdk_pin is not None
     assert grafana_version == sdk_pin.group(1)
+
+
+def test_the_example_provisioning_is_what_the_dashboards_command_writes() -> None:
+    # examples/grafana/provisioning is generated (python -m dashboards.generate) from the
+    # package's own provisioning_files(), with compose's addresses.
+    files = generate.example_provisioning()
+    assert len(files) == 2
+    for path, text in files.items():
+        assert path.read_text() == text, f"{path}: run python -m dashboards.generate"
+    on_disk = {p for p in (GRAFANA_EXAMPLE / "provisioning").rglob("*") if p.is_file()}
+    assert on_disk == set(files)
 
 
 def test_the_examples_say_grafana_rendering_is_not_tested() -> None:
@@ -455,6 +696,14 @@ def test_system_deps_is_a_no_op_when_everything_is_installed(promtool: str) -> N
     result = _run(str(script))
     assert result.returncode == 0, result.stderr
     assert result.stdout == result.stderr == ""
+
+
+def _runbook_anchors() -> set[str]:
+    return {
+        re.sub(r"[^a-z0-9 -]", "", line[3:].strip().lower()).replace(" ", "-")
+        for line in RUNBOOK.read_text().splitlines()
+        if line.startswith("## ")
+    }
 
 
 def _pyproject() -> str:

@@ -12,8 +12,13 @@ series' first sample is no increase for Prometheus 2 — and the second one, a t
 (32 s) later, is what the rates see. Then:
 
 - every target of every panel of the dashboard, with the Grafana variables filled in as Grafana
-  would, returns at least one finite sample through ``/api/v1/query``;
-- the template variables list the demo's job, its instance and both providers;
+  would, returns at least one finite sample through ``/api/v1/query``: with *All* everywhere,
+  and with the target's namespace picked. The target carries a ``namespace`` label and no
+  ``cluster`` label, so both kinds of optional label are exercised; a namespace nobody scrapes
+  selects nothing;
+- the template variables list the demo's job, its instance, both providers, its namespace and
+  no cluster;
+- the alert-state panel counts naive's pending storm alerts, and none for single-flight;
 - Prometheus loaded every rule of ``alerts.yaml`` and each one evaluates without error;
 - AsgiTokenRefreshStorm and AsgiTokenRefreshInvalidGrantSpike go pending for naive, while
   single-flight, whose sessions were refreshed twice (32 s apart), raises no alert at all.
@@ -55,6 +60,7 @@ DASHBOARD_JSON = ROOT / "dashboards" / "asgi-token-refresh.json"
 RULES = ROOT / "dashboards" / "alerts.yaml"
 
 JOB = "asgi-token-refresh-demo"
+NAMESPACE = "e2e"  # a label of the scrape target; there is no cluster label
 PROVIDERS = {"naive", "single-flight"}
 # 36 requests per app and burst, 6 at a time per session: 5 times the alerts' rate thresholds.
 SESSIONS, TABS, PARALLEL = 6, 2, 3
@@ -68,8 +74,6 @@ FIRST_BURST = 1  # seconds from login to the first burst
 # panels are queried) and not the first one, 32 s earlier.
 RATE_INTERVAL = "15s"
 STORM_ALERTS = ("AsgiTokenRefreshStorm", "AsgiTokenRefreshInvalidGrantSpike")
-# For Grafana's "All" on a variable with allValue ".+".
-ALL = ".+"
 
 T = TypeVar("T")
 
@@ -100,9 +104,9 @@ class PrometheusAPI:
     def values(self, expr: str, at: float | None = None) -> dict[str, float]:
         """``expr``'s samples as {provider label (or the label set): value}."""
         return {
-            sample["metric"].get("asgi_token_refresh_provider", json.dumps(sample["metric"], sort_keys=True)): float(
-                sample["value"][1]
-            )
+            sample["metric"].get(
+                "asgi_token_refresh_provider", json.dumps(sample["metric"], sort_keys=True)
+            ): float(sample["value"][1])
             for sample in self.query(expr, at)
         }
 
@@ -152,7 +156,12 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storm]:
     config = {
         "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(rule_file)],
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [instance]}]}],
+        "scrape_configs": [
+            {
+                "job_name": JOB,
+                "static_configs": [{"targets": [instance], "labels": {"namespace": NAMESPACE}}],
+            }
+        ],
     }
     config_file = tmp / "prometheus.yml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -202,8 +211,8 @@ def storm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Storm]:
             )
             _wait_until("single-flight's second burst", scraped(single_flight), second_burst, alive)
             naive = (
-                f'increase(asgi_token_refresh_refreshes_total{{job="{JOB}", asgi_token_refresh_provider="naive"}}'
-                "[10s]) > 0"
+                f'increase(asgi_token_refresh_refreshes_total{{job="{JOB}", '
+                'asgi_token_refresh_provider="naive"}[10s]) > 0'
             )
             _wait_until("naive's second burst", scraped(naive), 10, alive)
             time.sleep(1.5)  # a scrape more: the bursts' stragglers
@@ -249,35 +258,79 @@ def _panels(dashboard: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield from panel.get("panels", [])
 
 
-def test_every_panel_target_returns_data(storm: Storm, dashboard: dict[str, Any]) -> None:
-    # The demo's job and instance picked, every provider ("All").
-    variables = {
-        "job": _regex_value(JOB),
-        "instance": _regex_value(storm.instance),
-        "provider": ALL,
+def _all(dashboard: dict[str, Any]) -> dict[str, str]:
+    """Every variable on "All": its allValue (".*" for cluster and namespace, which also
+    matches a series without the label)."""
+    return {
+        v["name"]: v["allValue"] for v in dashboard["templating"]["list"] if v["type"] == "query"
     }
-    empty, checked = [], 0
+
+
+def _targets(dashboard: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     for panel in _panels(dashboard):
         assert panel.get("targets"), f"{panel['title']}: a panel without a query"
         for target in panel["targets"]:
-            expr = interpolate(target["expr"], variables)
-            samples = storm.api.values(expr, at=storm.scraped_at)
-            checked += 1
-            if not any(math.isfinite(v) for v in samples.values()):
-                empty.append(f"{panel['title']} [{target['refId']}]: {samples}\n  {expr}")
+            yield panel["title"], target
+
+
+def _without_data(storm: Storm, dashboard: dict[str, Any], variables: dict[str, str]) -> list[str]:
+    empty, checked = [], 0
+    for title, target in _targets(dashboard):
+        expr = interpolate(target["expr"], variables)
+        samples = storm.api.values(expr, at=storm.scraped_at)
+        checked += 1
+        if not any(math.isfinite(v) for v in samples.values()):
+            empty.append(f"{title} [{target['refId']}]: {samples}\n  {expr}")
     assert checked >= len(list(_panels(dashboard)))
+    return empty
+
+
+@pytest.mark.parametrize("namespace", ["All", NAMESPACE])
+def test_every_panel_target_returns_data(
+    storm: Storm, dashboard: dict[str, Any], namespace: str
+) -> None:
+    # The demo's job and instance picked, every provider and cluster ("All": the target has no
+    # cluster label), every namespace or the target's.
+    variables = {
+        **_all(dashboard),
+        "job": _regex_value(JOB),
+        "instance": _regex_value(storm.instance),
+    }
+    if namespace != "All":
+        variables["namespace"] = _regex_value(namespace)
+    empty = _without_data(storm, dashboard, variables)
     assert not empty, "panel targets without a finite sample:\n" + "\n".join(empty)
 
 
+def test_a_namespace_nobody_scrapes_selects_nothing(
+    storm: Storm, dashboard: dict[str, Any]
+) -> None:
+    variables = {**_all(dashboard), "namespace": "elsewhere"}
+    selected = {
+        f"{title} [{target['refId']}]"
+        for title, target in _targets(dashboard)
+        if storm.api.query(interpolate(target["expr"], variables), at=storm.scraped_at)
+    }
+    # Only the alert-state panel answers: alerts keep no namespace label (their rules aggregate
+    # by job and provider), so they are shown whatever the namespace, and 0 when there is none.
+    assert selected == {"Alerts firing / pending [A]", "Alerts firing / pending [B]"}
+
+
 def test_the_template_variables_list_the_demo(storm: Storm, dashboard: dict[str, Any]) -> None:
-    expected = {"job": {JOB}, "instance": {storm.instance}, "provider": PROVIDERS}
+    expected = {
+        "cluster": set(),  # no such label: the variable has only "All", which matches
+        "namespace": {NAMESPACE},
+        "job": {JOB},
+        "instance": {storm.instance},
+        "provider": PROVIDERS,
+    }
     found = {}
     for name, query in lint.template_queries(dashboard):
         match = re.fullmatch(r"\s*label_values\((.+),\s*(\w+)\)\s*", query, re.S)
         assert match is not None, query
-        assert match.group(2) == name, query
-        selector = interpolate(match.group(1), {"job": ALL, "instance": ALL})
-        found[name] = set(storm.api.get(f"label/{name}/values", {"match[]": [selector]}))
+        label = match.group(2)
+        selector = interpolate(match.group(1), _all(dashboard))
+        found[name] = set(storm.api.get(f"label/{label}/values", {"match[]": [selector]}))
     assert found == expected
 
 
@@ -327,7 +380,11 @@ def test_storm_alerts_pend_for_naive_and_single_flight_stays_quiet(storm: Storm)
 
     def naive_pending() -> list[dict[str, Any]] | None:
         alerts = api.active_alerts()
-        names = {a["labels"]["alertname"] for a in alerts if a["labels"]["asgi_token_refresh_provider"] == "naive"}
+        names = {
+            a["labels"]["alertname"]
+            for a in alerts
+            if a["labels"]["asgi_token_refresh_provider"] == "naive"
+        }
         return alerts if names >= set(STORM_ALERTS) else None
 
     def state() -> str:
@@ -357,7 +414,9 @@ def test_storm_alerts_pend_for_naive_and_single_flight_stays_quiet(storm: Storm)
     for alert in alerts:
         assert alert["labels"]["job"] == JOB
         assert alert["labels"]["severity"] in ("warning", "critical")
-        by_provider[alert["labels"]["asgi_token_refresh_provider"]].add(alert["labels"]["alertname"])
+        by_provider[alert["labels"]["asgi_token_refresh_provider"]].add(
+            alert["labels"]["alertname"]
+        )
     assert by_provider["naive"] >= set(STORM_ALERTS), alerts
     assert by_provider["single-flight"] == set(), alerts
 
@@ -374,4 +433,25 @@ def test_storm_alerts_pend_for_naive_and_single_flight_stays_quiet(storm: Storm)
         'asgi_token_refresh_outcome="invalid_grant"})'
     )
     assert invalid_grant.get("naive", 0) > 0
-    assert "single-flight" not in invalid_grant
+    assert invalid_grant.get("single-flight", 0) == 0  # 0 or absent: series may be pre-set
+
+
+def test_the_alert_state_panel_counts_the_storm_alerts(
+    storm: Storm, dashboard: dict[str, Any]
+) -> None:
+    [panel] = [p for p in _panels(dashboard) if p["title"] == "Alerts firing / pending"]
+    targets = {t["legendFormat"].split()[-1]: t["expr"] for t in panel["targets"]}
+    assert set(targets) == {"firing", "pending"}
+    variables = _all(dashboard)
+    pending = interpolate(targets["pending"], variables)
+
+    def naive_pending() -> dict[str, float] | None:
+        counted = storm.api.values(pending)
+        return counted if counted.get("naive", 0) >= len(STORM_ALERTS) else None
+
+    counted = _wait_until("the panel counts naive's alerts", naive_pending, 30, storm.diagnostics)
+    assert "single-flight" not in counted
+    # Nothing of single-flight fires; with no alert firing at all, the panel shows 0.
+    firing = storm.api.values(interpolate(targets["firing"], variables))
+    assert "single-flight" not in firing
+    assert firing == {"{}": 0.0} or all(value >= 1 for value in firing.values())
