@@ -30,7 +30,7 @@ from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._refresher import Refresher
 from ._sessions import ServerSideStore, Session, SessionStore, SizeLimitedStore
 from ._single_flight import run_blocking
-from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, terminal_type
+from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
 __all__ = ["SyncTokenAccessor", "TokenAccessor"]
@@ -200,10 +200,17 @@ class TokenAccessor:
         return new
 
     async def _no_session(self, reason: str, cause: BaseException | None = None) -> TokenSet:
+        """Answer a caller whose session is missing or dead (``cause``: why it died), counting
+        the terminal failure once. With ``on_terminal="anonymous"``, a request that never had
+        a session is no failure; a session that died is one, before going on anonymously."""
+        refresher = self._refresher
+        if cause is not None or self._anonymous is None:
+            refresher.telemetry.terminal_failure(reason, "asgi", refresher.client.name)
         if self._anonymous is not None:
             try:
-                return await self._refresher.client_credentials(self._anonymous)
+                return await refresher.client_credentials(self._anonymous)
             except TokenEndpointError as exc:  # the app's own credentials are refused
+                refresher.telemetry.terminal_failure(exc.error, "asgi", refresher.client.name)
                 self.failure = RefreshUnavailable(
                     "provider_error", retry_after=DEFAULT_RETRY_AFTER, detail=exc.error
                 )
@@ -211,12 +218,6 @@ class TokenAccessor:
             except RefreshUnavailable as exc:
                 self.failure = exc
                 raise
-        attributes = {
-            ERROR_TYPE: terminal_type(reason),
-            COMPONENT: "asgi",
-            PROVIDER: self._refresher.client.name,
-        }
-        self._refresher.telemetry.terminal_failures.add(1, attributes)
         self.failure = ReauthenticationRequired(reason)
         raise self.failure from cause
 

@@ -40,10 +40,11 @@ StoredNewer = Callable[[], Awaitable[TokenSet | None]]
 class Trip:
     """What one exchange did, for the flight's telemetry."""
 
-    __slots__ = ("called_provider",)
+    __slots__ = ("called_provider", "distributed")
 
     def __init__(self) -> None:
         self.called_provider = False
+        self.distributed = False  # another process's published outcome served the flight
 
 
 class Exchange:
@@ -92,7 +93,7 @@ class Exchange:
             if coordinator is not _LOCAL:  # a follower never publishes: the claim says it too
                 self._ok()
         if not isinstance(claim, Lease):
-            self._recorder.served("distributed")
+            trip.distributed = True  # counted as the flight lands, instead of its leader
             if isinstance(claim, TokenSet):
                 return claim, False
             raise copy.copy(claim)
@@ -167,6 +168,7 @@ class Exchange:
             # Invariant 5: another process may have rotated the token we just presented.
             stored = await stored_newer()
             if stored is not None:
+                self._recorder.duplicate("newer_stored")  # our call repeated theirs
                 return stored, False
             raise ReauthenticationRequired(exc.error) from exc
         return issued, True

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from opentelemetry import trace
 
 from ._caches import LOGGED_OUT, Caches
-from ._errors import RefreshUnavailable, TokenEndpointError
+from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
 from ._exchange import Exchange, Trip
 from ._keys import TokenParams
 from ._oauth_messages import DEFAULT_RETRY_AFTER
@@ -32,7 +32,9 @@ logger = logging.getLogger(__name__)
 #: Reads the session's token set as it is stored now (another request may have rotated it).
 CurrentTokenSet = Callable[[], "Awaitable[TokenSet | None] | TokenSet | None"]
 #: Receives a token set the provider just issued, to persist it even if every caller is gone.
-OnRefreshed = Callable[[TokenSet], "Awaitable[None] | None"]
+#: ``False`` back means the store already held another refresh of that generation: this one
+#: was a duplicate (counted); anything else means saved.
+OnRefreshed = Callable[[TokenSet], "Awaitable[bool | None] | bool | None"]
 Grant = Literal["refresh_token", "client_credentials"]
 
 
@@ -112,8 +114,13 @@ class Pilot:
         if orphan is not None:
             # Logout won: the tokens the provider just issued belong to no session any more.
             await self._revoke(orphan)
-        elif issued and result is not None and request.on_refreshed is not None:
-            await call_hook("on_refreshed", request.on_refreshed, result)
+        elif (
+            issued
+            and result is not None
+            and request.on_refreshed is not None
+            and await call_hook("on_refreshed", request.on_refreshed, result) is False
+        ):
+            self._recorder.duplicate("store_conflict")
 
     async def _exchange_for(self, request: FlightRequest) -> tuple[TokenSet, bool]:
         """The provider call, after the re-checks of invariant 3. Returns the token set and
@@ -136,7 +143,7 @@ class Pilot:
             stored = await call_hook("current", request.current)
             if (
                 isinstance(stored, TokenSet)
-                and stored.issued_at >= token_set.issued_at
+                and stored.newer_than(token_set)
                 and stored.refresh_token != token_set.refresh_token
             ):
                 return stored
@@ -177,6 +184,14 @@ class Pilot:
                 machine = request.grant == "client_credentials"
                 self._caches.remember(flight.key, machine, result, error)
         spent = request.token_set
+        if (
+            request.trip.called_provider
+            and spent is not None
+            and isinstance(error, ReauthenticationRequired)
+            and error.reason == "invalid_grant"
+            and self._recorder.spent_here(flight.key)
+        ):
+            self._recorder.duplicate("spent_here")  # this process rotated it already
         rotation = None
         if request.trip.called_provider and result is not None and spent is not None:
             got = result.refresh_token
@@ -193,6 +208,8 @@ class Pilot:
             and spent is not None
             and result.refresh_token != spent.refresh_token,
             rotation=rotation,
+            key=flight.key,
+            distributed=request.trip.distributed,
         )
         release(waiters, result, error)
         return orphan

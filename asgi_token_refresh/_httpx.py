@@ -15,13 +15,13 @@ from typing import Any, Literal, Protocol
 
 import httpx
 
-from ._errors import ConfigurationError, ReauthenticationRequired
+from ._errors import ConfigurationError, ReauthenticationRequired, TokenEndpointError
 from ._keys import TokenParams
 from ._per_loop import PerLoop
 from ._provider_http import instrumented
 from ._refresher import Refresher
 from ._single_flight import run_blocking
-from ._telemetry import COMPONENT, ERROR_TYPE, PROVIDER, Telemetry, default_telemetry
+from ._telemetry import Telemetry, default_telemetry
 from ._tokens import TokenSet
 
 __all__ = [
@@ -88,7 +88,7 @@ class TokenAuth(httpx.Auth):
         self._on_failure = on_failure
         self.telemetry = telemetry or getattr(source, "telemetry", None) or default_telemetry()
         refresher = getattr(source, "refresher", None)
-        self._provider = {PROVIDER: refresher.client.name} if refresher is not None else {}
+        self._provider: str | None = refresher.client.name if refresher is not None else None
 
     def __repr__(self) -> str:
         return f"TokenAuth(source={type(self.source).__name__}, on_terminal={self.on_terminal!r})"
@@ -109,9 +109,10 @@ class TokenAuth(httpx.Auth):
         response = yield request
         assert isinstance(response, httpx.Response)
         if response.status_code == 401:
-            self.telemetry.terminal_failures.add(
-                1, {ERROR_TYPE: "downstream_401", COMPONENT: "httpx", **self._provider}
-            )
+            # Counted here, whatever on_terminal does with it. A refusal from the token source
+            # (a dead session) is the source's to count: the accessor's as asgi, SessionTokens'
+            # and MachineTokens' as httpx.
+            self.telemetry.terminal_failure("downstream_401", "httpx", self._provider)
             if self.on_terminal == "raise":
                 error = ReauthenticationRequired("downstream_401", "the API refused a fresh token")
                 if self._on_failure is not None:
@@ -195,13 +196,21 @@ class SessionTokens:
         return f"SessionTokens({self.token_set!r})"
 
     async def get(self) -> str:
-        self.token_set = await self.refresher.ensure_fresh(self.token_set, **self._hooks)
+        try:
+            self.token_set = await self.refresher.ensure_fresh(self.token_set, **self._hooks)
+        except ReauthenticationRequired as exc:
+            _count_terminal(self.refresher, exc.reason)
+            raise
         return self.token_set.access_token
 
     async def renew(self, failed_access_token: str | None = None) -> str:
-        self.token_set = await self.refresher.renew(
-            self.token_set, failed_access_token=failed_access_token, **self._hooks
-        )
+        try:
+            self.token_set = await self.refresher.renew(
+                self.token_set, failed_access_token=failed_access_token, **self._hooks
+            )
+        except ReauthenticationRequired as exc:
+            _count_terminal(self.refresher, exc.reason)
+            raise
         return self.token_set.access_token
 
     @property
@@ -222,12 +231,20 @@ class MachineTokens:
         return f"MachineTokens(params={self.params!r})"
 
     async def get(self) -> str:
-        return (await self.refresher.client_credentials(self.params)).access_token
+        try:
+            return (await self.refresher.client_credentials(self.params)).access_token
+        except TokenEndpointError as exc:  # the client is refused: terminal
+            _count_terminal(self.refresher, exc.error)
+            raise
 
     async def renew(self, failed_access_token: str | None = None) -> str:
-        token_set = await self.refresher.client_credentials(
-            self.params, failed_access_token=failed_access_token
-        )
+        try:
+            token_set = await self.refresher.client_credentials(
+                self.params, failed_access_token=failed_access_token
+            )
+        except TokenEndpointError as exc:
+            _count_terminal(self.refresher, exc.error)
+            raise
         return token_set.access_token
 
     @property
@@ -241,6 +258,7 @@ class SyncTokens:
 
     def __init__(self, source: SessionTokens | MachineTokens) -> None:
         self.source = source
+        self.refresher = source.refresher  # (TokenAuth labels its counts with the provider)
         self.telemetry = source.telemetry
 
     def get(self) -> str:
@@ -248,6 +266,11 @@ class SyncTokens:
 
     def renew(self, failed_access_token: str | None = None) -> str:
         return run_blocking(self.source.renew(failed_access_token))
+
+
+def _count_terminal(refresher: Refresher, reason: str) -> None:
+    """A standalone source's terminal failure, counted once where its caller meets it."""
+    refresher.telemetry.terminal_failure(reason, "httpx", refresher.client.name)
 
 
 # -- per-request clients over a shared pool -----------------------------------------------------

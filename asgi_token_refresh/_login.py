@@ -226,6 +226,9 @@ class OIDCLogin:
                 code, redirect_uri=pending["redirect_uri"], code_verifier=pending["verifier"]
             )
         except TokenEndpointError as exc:
+            # A terminal failure at login (the code was refused, or the app's credentials):
+            # counted once, as component "login"; invalid_client here means no one can log in.
+            self.client.telemetry.terminal_failure(exc.error, "login", self.client.name)
             raise LoginFailed(f"the provider refused the code ({exc.error})") from None
         if not self._openid:
             return tokens

@@ -146,6 +146,8 @@ class OAuth2Client:
         #: Identifies (provider, client) in cache keys, logs and the ``provider`` attribute.
         self.provider_url: str = issuer or token_endpoint or ""
         self.name: str = name or urlsplit(self.provider_url).hostname or "oauth2"
+        # The series the dashboard and the alerts query start at zero (once per provider).
+        self.telemetry.preinitialise(self.name)
 
     @classmethod
     def from_discovery(cls, issuer: str, *, client_id: str, **options: Any) -> OAuth2Client:

@@ -118,6 +118,8 @@ class Refresher:
         #: Fresh-path hits: a plain int (no SDK call per request), read by an observable counter.
         self.fresh_hits = 0
         self.telemetry.observe_fresh(self)
+        # Every series the dashboard and the alerts query starts at zero (once per provider).
+        self.telemetry.preinitialise(client.name, self._exchange.coordinator.name)
 
     @classmethod
     def shared(cls, client: OAuth2Client, **options: Any) -> Refresher:
@@ -244,6 +246,7 @@ class Refresher:
             # Again under the lock: a flight may have landed since the lock-free look above.
             cached = self._machine_token(key, failed_access_token)
             if cached is not None:
+                self.fresh_hits += 1
                 return cached
             refusal = self._caches.refusal(key)
             if refusal is None:
@@ -282,6 +285,8 @@ class Refresher:
             self.forget(token_set)
             await self._exchange.end(newest, NO_PARAMS)  # and for the other processes
             await self._pilot.revoke_at_logout(newest.refresh_token or "", revoke=revoke)
+        else:  # no grant to revoke; the session ends all the same, and is counted
+            self._recorder.logout("skipped")
 
     # -- boarding -------------------------------------------------------------------------------
 
@@ -358,7 +363,7 @@ class Refresher:
         """Start the caller's span; a leader also launches the flight, whose span is a child
         of the leader's. The caller then awaits its waiter and ends the span with
         ``FlightRecorder.left`` (inline, not in a helper coroutine: a storm pays per frame)."""
-        span = self._recorder.served("leader" if leads else "joined")
+        span = self._recorder.leading() if leads else self._recorder.served("joined")
         if leads:
             request = flight.payload
             request.span = self._recorder.start_flight(request.grant, span)

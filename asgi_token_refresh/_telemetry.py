@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import logging
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Protocol
@@ -25,7 +26,13 @@ from ._logs import fingerprint
 from ._oauth_messages import TERMINAL_ERRORS
 
 if TYPE_CHECKING:
-    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+    from opentelemetry.metrics import (
+        CallbackOptions,
+        Counter,
+        MeterProvider,
+        Observation,
+        UpDownCounter,
+    )
     from opentelemetry.trace import TracerProvider
 
 __all__ = ["FlightRecorder", "Telemetry", "default_telemetry", "flight_outcome"]
@@ -88,6 +95,29 @@ SERVER_PORT = "server.port"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 INTERVAL_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 14400.0)
 WAITER_BUCKETS = (0, 1, 2, 5, 10, 25, 50, 100, 250, 1000)
+
+
+# The attribute values the dashboard and the alerts query: every combination below starts at
+# zero for each provider (Telemetry.preinitialise), so a panel reads 0 rather than "No data"
+# and rate() sees an event's first count. dashboards/README.md says which event moves which.
+OUTCOMES = (
+    "success",
+    "invalid_grant",
+    "invalid_client",
+    "provider_error",
+    "timeout",
+    "network_error",
+)
+GRANTS = ("refresh_token", "client_credentials")
+DEDUPE_PATHS = ("leader", "joined", "grace_cache", "negative_cache", "distributed")
+#: The terminal failures (``error.type``) each component can surface to its caller.
+TERMINAL_TYPES = {
+    "asgi": ("invalid_grant", "invalid_client", "no_session"),
+    "httpx": ("invalid_grant", "invalid_client", "no_session", "downstream_401"),
+    "login": ("invalid_grant", "invalid_client"),
+}
+REVOCATIONS = ("revoked", "unsupported", "failed", "skipped")
+DETECTIONS = ("store_conflict", "newer_stored", "spent_here")
 
 
 def terminal_type(reason: str) -> str:
@@ -200,6 +230,11 @@ class Telemetry:
             "Provider calls that refreshed a session someone else had already refreshed (without "
             "a shared coordinator, replicas each refresh), by how it was noticed",
         )
+        # Series started at zero (preinitialise): what was asked for, and the zero points not
+        # yet recorded since the first collection (see preinitialise). Guarded by _zero_lock.
+        self._zero_lock = threading.Lock()
+        self._zeroed: set[tuple[str, ...]] = set()
+        self._unflushed: list[tuple[Counter | UpDownCounter, dict[str, str]]] = []
         # Weak: a global meter must not keep every Refresher (and its caches) alive.
         self._fresh_sources: weakref.WeakSet[FreshCounting] = weakref.WeakSet()
         meter.create_observable_counter(
@@ -213,9 +248,64 @@ class Telemetry:
         """Report ``source.fresh_hits`` (a plain running count) as the fresh-path counter."""
         self._fresh_sources.add(source)
 
+    def preinitialise(self, provider: str, coordinator: str | None = None) -> None:
+        """Start at zero every series the dashboard and the alerts query for ``provider``
+        (outcome x grant, dedupe paths, terminal error types by component, duplicates,
+        logouts, flights in progress) and, given its name, the ``coordinator``'s errors.
+        Once per (telemetry, provider) and (provider, coordinator): a Refresher and an
+        OAuth2Client call it when they are made, never the fresh path.
+
+        The zeros are recorded now and once more at the first collection: the OpenTelemetry
+        API drops what is recorded on the global meter provider before an SDK is installed,
+        and apps often make their client at import time, before they set one up.
+        """
+        wanted: list[tuple[str, ...]] = [("provider", provider)]
+        if coordinator is not None:
+            wanted.append(("coordinator", provider, coordinator))
+        with self._zero_lock:
+            new = [series for series in wanted if series not in self._zeroed]
+            self._zeroed.update(new)
+            zeros = [zero for series in new for zero in self._zero_points(series)]
+            self._unflushed += zeros
+        for instrument, attributes in zeros:
+            instrument.add(0, attributes)
+
+    def _zero_points(
+        self, series: tuple[str, ...]
+    ) -> list[tuple[Counter | UpDownCounter, dict[str, str]]]:
+        if series[0] == "coordinator":
+            _, provider, coordinator = series
+            return [(self.coordinator_errors, {COORDINATOR: coordinator, PROVIDER: provider})]
+        by = {PROVIDER: series[1]}
+        zeros: list[tuple[Counter | UpDownCounter, dict[str, str]]] = [(self.active, by)]
+        zeros += [(self.refreshes, {OUTCOME: o, GRANT: g, **by}) for o in OUTCOMES for g in GRANTS]
+        zeros += [(self.token_requests, {DEDUPE: path, **by}) for path in DEDUPE_PATHS]
+        zeros += [
+            (self.terminal_failures, {ERROR_TYPE: error, COMPONENT: component, **by})
+            for component, errors in TERMINAL_TYPES.items()
+            for error in errors
+        ]
+        zeros += [(self.duplicates, {DETECTED_BY: how, **by}) for how in DETECTIONS]
+        zeros += [(self.logouts, {REVOCATION: what, **by}) for what in REVOCATIONS]
+        return zeros
+
+    def terminal_failure(self, reason: str, component: str, provider: str | None) -> None:
+        """Count one terminal failure surfaced to a caller by ``component`` (``asgi``,
+        ``httpx`` or ``login``); ``reason`` is the error's (``invalid_grant``, ``no_session``,
+        ``unauthorized_client``...), counted by its bounded ``error.type``."""
+        attributes = {ERROR_TYPE: terminal_type(reason), COMPONENT: component}
+        if provider is not None:
+            attributes[PROVIDER] = provider
+        self.terminal_failures.add(1, attributes)
+
     def _observe_fresh(self, options: CallbackOptions) -> Iterable[Observation]:
         from opentelemetry.metrics import Observation
 
+        if self._unflushed:  # the first collection: an SDK is there now (see preinitialise)
+            with self._zero_lock:
+                zeros, self._unflushed = self._unflushed, []
+            for instrument, attributes in zeros:
+                instrument.add(0, attributes)
         totals: dict[tuple[tuple[str, str], ...], int] = {}
         for source in list(self._fresh_sources):
             labels = tuple(sorted(source.metric_attributes.items()))
@@ -227,9 +317,6 @@ class Telemetry:
 def default_telemetry() -> Telemetry:
     """The process-wide Telemetry on the global providers (an SDK may be set up later)."""
     return Telemetry()
-
-
-_DEDUPE_PATHS = ("leader", "joined", "grace_cache", "negative_cache", "distributed")
 
 
 def flight_outcome(error: BaseException | None) -> str:
@@ -271,7 +358,7 @@ class FlightRecorder:
         self._server = server
         self._flight_spans: dict[str, Mapping[str, str | int]] = {}  # with server.address
         self._monotonic = monotonic
-        self._dedupe = {path: {DEDUPE: path, PROVIDER: provider} for path in _DEDUPE_PATHS}
+        self._dedupe = {path: {DEDUPE: path, PROVIDER: provider} for path in DEDUPE_PATHS}
         self._flight = {
             grant: {GRANT: grant, PROVIDER: provider}
             for grant in ("refresh_token", "client_credentials")
@@ -283,6 +370,9 @@ class FlightRecorder:
         self._refreshed_at: TTLCache[bytes, float] = TTLCache(
             max_entries, 24 * 3600, timer=monotonic
         )
+        # Keys of the refresh tokens this process spent (rotated), to tell a duplicate refresh
+        # when the provider refuses one of them later.
+        self._spent: TTLCache[bytes, bool] = TTLCache(max_entries, 24 * 3600, timer=monotonic)
 
     def served(self, path: str) -> trace.Span:
         """Count a caller that needed a new token and start its span, by how it is served.
@@ -293,6 +383,12 @@ class FlightRecorder:
         attributes = self._dedupe[path]
         self.telemetry.token_requests.add(1, attributes)
         return self.telemetry.tracer.start_span(SPAN_ACQUIRE, attributes=attributes)
+
+    def leading(self) -> trace.Span:
+        """Start the span of a caller that leads a flight. Its ``token.requests`` point waits
+        for the flight to land (:meth:`landed`): ``leader``, or ``distributed`` when another
+        process served the flight, so that every caller is counted once."""
+        return self.telemetry.tracer.start_span(SPAN_ACQUIRE, attributes=self._dedupe["leader"])
 
     def issued_due(self, lifetime: float, skew: float) -> None:
         """Say, at most once a minute, that the provider issues tokens that are due at once."""
@@ -327,6 +423,10 @@ class FlightRecorder:
         provider refused the token and the store holds its successor) or ``spent_here`` (the
         provider refused a refresh token this process itself spent moments ago)."""
         self.telemetry.duplicates.add(1, {DETECTED_BY: detected_by, **self.attributes})
+
+    def spent_here(self, key: bytes) -> bool:
+        """Whether this process spent the refresh token behind ``key`` (rotated it)."""
+        return key in self._spent
 
     def left(self, span: trace.Span, joined: trace.Span | None) -> None:
         """End a caller's span, linked to the flight it ``joined`` (the leader's is its parent)."""
@@ -377,10 +477,13 @@ class FlightRecorder:
         rotated: bool,
         rotation: tuple[bytes, bytes | None] | None,
         key: bytes | None = None,
+        distributed: bool = False,
     ) -> None:
         """Record a flight that landed, and say so in one DEBUG line. ``rotation``: the keys
         of the refresh token it spent and of the one it got, when the provider issued a
-        refresh-token grant. ``key``: the flight's key (a keyed hash of the grant)."""
+        refresh-token grant. ``key``: the flight's key (a keyed hash of the grant).
+        ``distributed``: another process served it (its leader is counted so, not as
+        ``leader``)."""
         telemetry, attributes = self.telemetry, self.attributes
         outcome = flight_outcome(error)
         if logger.isEnabledFor(logging.DEBUG):
@@ -399,12 +502,15 @@ class FlightRecorder:
                 rotated,
             )
         telemetry.waiters.record(waiters, attributes)
+        telemetry.token_requests.add(1, self._dedupe["distributed" if distributed else "leader"])
         if called_provider:
             telemetry.refreshes.add(1, {OUTCOME: outcome, GRANT: grant, **attributes})
             telemetry.duration.record(seconds, {OUTCOME: outcome, **attributes})
         if rotation is not None:
             spent, got = rotation
             now = self._monotonic()
+            if got != spent:
+                self._spent[spent] = True
             previous = self._refreshed_at.pop(spent, None)
             if previous is not None:
                 telemetry.interval.record(now - previous, attributes)

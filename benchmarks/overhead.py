@@ -336,11 +336,16 @@ class Apps:
 
 
 def metrics_with_points(captured: CapturedTelemetry) -> list[str]:
+    """Metrics that recorded something: the zeros every series starts at do not count."""
     data = captured.reader.get_metrics_data()
     names = set()
     for resource in data.resource_metrics if data is not None else ():
         for scope in resource.scope_metrics:
-            names |= {m.name for m in scope.metrics if list(m.data.data_points)}
+            names |= {
+                m.name
+                for m in scope.metrics
+                if any(getattr(p, "value", getattr(p, "count", 1)) for p in m.data.data_points)
+            }
     return sorted(names)
 
 

@@ -9,7 +9,9 @@ seconds later (a short ``refresh.interval``), a transient provider error and the
 it fills, a client-credentials token, a flight served by another "process" through a shared
 coordinator and one whose coordinator is down, and — through ``TokenRefreshMiddleware`` and
 ``TokenAuth`` — terminal failures from ``invalid_grant`` and from an API that keeps answering
-401. The page is what Prometheus would scrape from an app using the library.
+401. The page is what Prometheus would scrape from an app using the library. The series the
+dashboard and the alerts query are on it even where the storm records nothing (duplicate
+refreshes, login failures): the library starts them at zero (``Telemetry.preinitialise``).
 
     python -m dashboards.scrape            # the exposition text
     python -m dashboards.scrape --table    # the OTel -> Prometheus table of dashboards/README.md
