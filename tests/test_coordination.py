@@ -964,6 +964,54 @@ async def test_4_workers_200_concurrent_requests_one_refresh_per_rotation(
             cluster.stop()
 
 
+async def test_two_workers_without_a_coordinator_count_their_duplicate_refresh(
+    cluster: Cluster,
+    shared_clock: SharedClock,
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+) -> None:
+    """Replicas that share sessions (a Redis store) but no coordinator both refresh a session
+    that falls due under both at once. A provider with a grace window accepts both calls, so
+    nothing fails: the store keeps the first written and refuses the other, which is counted
+    as a duplicate (``refresh.duplicates{detected_by="store_conflict"}``) where it happened."""
+    idp = FakeIdP(
+        issuer=None, clock=shared_clock, access_token_lifetime=TOKEN_LIFETIME, reuse_grace=600.0
+    )
+    with serve(idp) as idp_url:
+        try:
+            env = worker_env("redis", idp_url, shared_clock, STORM_TIMEOUT, request, tmp_path)
+            env |= {"ATR_WORKER_COORDINATOR": "none", "ATR_WORKER_STORE": "redis"}
+            workers = await cluster.start(2, env)
+            browser = Browser(workers)
+            try:
+                await browser.log_in(idp.issue())
+                shared_clock.advance(TOKEN_LIFETIME)
+                # Both workers' refreshes reach the provider before either is answered.
+                gate = idp.pause_token_endpoint()
+                both = asyncio.gather(*(browser.get(worker) for worker in workers))
+                await asyncio.to_thread(gate.wait_arrived, 2, STORM_TIMEOUT)
+                gate.release()
+                assert [r.status_code for r in await both] == [200, 200]
+                assert idp.token_calls("refresh_token") == 2
+                assert idp.token_calls("refresh_token", outcome="reuse_allowed") == 1
+
+                counts = [(await browser.http[w.index].get("/duplicates")).json() for w in workers]
+                assert sorted(c.get("store_conflict", 0) for c in counts) == [0, 1]
+                assert sum(sum(c.values()) for c in counts) == 1
+
+                # The session goes on with the token set written first, on both workers.
+                after = await browser.storm(4, workers)
+                assert [r.status_code for r in after] == [200] * 4
+                assert len({r.json()["access_token"] for r in after}) == 1
+                assert idp.token_calls("refresh_token") == 2
+                assert idp.grants_revoked == 0
+            finally:
+                await browser.aclose()
+        finally:
+            idp.close()
+            cluster.stop()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("provider", ["grace-window", "strict"])
 async def test_a_leader_sigkilled_mid_flight(

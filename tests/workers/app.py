@@ -5,7 +5,8 @@
 Configured only by the environment, so that every worker is the same app:
 
 ``ATR_WORKER_IDP``          the FakeIdP's URL (its issuer)
-``ATR_WORKER_COORDINATOR``  ``redis`` or ``file``
+``ATR_WORKER_COORDINATOR``  ``redis``, ``file`` or ``none`` (each worker refreshes on its own)
+``ATR_WORKER_STORE``        ``cookie`` (the default) or ``redis`` (sessions shared in Redis)
 ``ATR_WORKER_REDIS_URL``    for ``redis``
 ``ATR_WORKER_DIRECTORY``    for ``file``
 ``ATR_WORKER_SECRET``       seals the session cookie and the published outcomes (all workers)
@@ -14,7 +15,8 @@ Configured only by the environment, so that every worker is the same app:
 ``ATR_WORKER_ID``           echoed in every answer
 
 Routes: ``POST /login`` starts a session from a token-endpoint response (JSON body),
-``GET /token`` answers ``{"access_token": ..., "worker": ...}``, ``GET /healthz`` says ready.
+``GET /token`` answers ``{"access_token": ..., "worker": ...}``, ``GET /healthz`` says ready,
+``GET /duplicates`` the worker's ``refresh.duplicates`` count by how each was detected.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ from asgi_token_refresh import (
     TokenAccessor,
     TokenRefreshMiddleware,
 )
-from asgi_token_refresh.redis import RedisCoordinator
+from asgi_token_refresh._telemetry import DETECTED_BY, DUPLICATES
+from asgi_token_refresh.redis import RedisCoordinator, RedisSessionStore
+from asgi_token_refresh.testing import capture_telemetry
 
 from .clock import SharedClock
 
@@ -46,19 +50,21 @@ def create_app() -> Starlette:
     env = os.environ
     worker = env.get("ATR_WORKER_ID", str(os.getpid()))
     secret = env["ATR_WORKER_SECRET"]
-    coordinator: RedisCoordinator | FileCoordinator
+    coordinator: RedisCoordinator | FileCoordinator | None = None
     if env["ATR_WORKER_COORDINATOR"] == "redis":
         coordinator = RedisCoordinator(
             env["ATR_WORKER_REDIS_URL"], secret_keys=[secret], poll_interval=0.05
         )
-    else:
+    elif env["ATR_WORKER_COORDINATOR"] == "file":
         coordinator = FileCoordinator(env["ATR_WORKER_DIRECTORY"], secret_keys=[secret])
+    captured = capture_telemetry()
     # Tokens are issued, and fall due, on the test's wall time: never in the middle of a round.
     client = OAuth2Client.from_discovery(
         env["ATR_WORKER_IDP"],
         client_id="app",
         client_secret="app-secret",
         clock=SharedClock(env["ATR_WORKER_CLOCK"]),
+        telemetry=captured.telemetry,
     )
     refresher = Refresher(
         client,
@@ -66,7 +72,11 @@ def create_app() -> Starlette:
         timeout=float(env.get("ATR_WORKER_TIMEOUT", "2")),
         coordinator=coordinator,
     )
-    store = CookieSessionStore([secret], secure=False)
+    store: CookieSessionStore | RedisSessionStore
+    if env.get("ATR_WORKER_STORE", "cookie") == "redis":
+        store = RedisSessionStore(env["ATR_WORKER_REDIS_URL"], secret_keys=[secret], secure=False)
+    else:
+        store = CookieSessionStore([secret], secure=False)
 
     async def healthz(request: Request) -> Response:
         return PlainTextResponse(worker)
@@ -80,10 +90,19 @@ def create_app() -> Starlette:
         token: TokenAccessor = request.state.token
         return JSONResponse({"access_token": await token.get(), "worker": worker})
 
+    async def duplicates(request: Request) -> Response:
+        counts: dict[str, int] = {}
+        for attributes, point in captured.points(DUPLICATES):
+            counts[attributes[DETECTED_BY]] = int(point.value)
+        return JSONResponse(counts)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        await coordinator.aclose()
+        if coordinator is not None:
+            await coordinator.aclose()
+        if isinstance(store, RedisSessionStore):
+            await store.aclose()
         await client.aclose()
 
     return Starlette(
@@ -91,6 +110,7 @@ def create_app() -> Starlette:
             Route("/healthz", healthz),
             Route("/login", login, methods=["POST"]),
             Route("/token", access_token),
+            Route("/duplicates", duplicates),
         ],
         middleware=[
             Middleware(TokenRefreshMiddleware, refresher=refresher, store=store, on_terminal="401")
