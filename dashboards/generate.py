@@ -138,8 +138,10 @@ DURATION = "asgi_token_refresh_refresh_duration_seconds"
 ACTIVE = "asgi_token_refresh_refresh_active"
 WAITERS = "asgi_token_refresh_refresh_waiters"
 INTERVAL = "asgi_token_refresh_refresh_interval_seconds"
-#: Prometheus's own series of the alerting rules' state.
+#: Prometheus's own series of the alerting rules' state. An alert has the labels its rule
+#: aggregates by (job and provider): it may lack any of the variables' labels.
 ALERTS = "ALERTS"
+ALERT_ABSENT_OK = frozenset({"cluster", "namespace", "job", "instance", "provider"})
 # The <= 30 s bucket: "30.0" from the Python exporter and Prometheus 3, "30" from Go exporters
 # scraped by Prometheus 2.
 RAPID_BUCKET = 'le=~"30|30[.]0"'
@@ -207,10 +209,10 @@ class Queries:
     def alerts(self, state: Literal["firing", "pending"]) -> str:
         """Alerts of alerts.yaml in ``state``, counted per provider; 0 when there are none.
 
-        Alerts carry only the labels their rules aggregate by (job and provider): a series
-        without cluster, namespace or instance is let through (``"$var|"``)."""
+        Alerts carry only the labels their rules aggregate by (job and provider): an alert
+        without one of the variables' labels is let through (``"$var|"``)."""
         config = self.config
-        matchers = config.matchers(absent_ok=frozenset({"cluster", "namespace", "instance"}))
+        matchers = config.matchers(absent_ok=ALERT_ABSENT_OK)
         selected = (
             f'{ALERTS}{{alertname=~"{config.alert_prefix}.*", alertstate="{state}", {matchers}}}'
         )
@@ -218,7 +220,7 @@ class Queries:
 
     def firing(self) -> str:
         config = self.config
-        matchers = config.matchers(absent_ok=frozenset({"cluster", "namespace", "instance"}))
+        matchers = config.matchers(absent_ok=ALERT_ABSENT_OK)
         return f'{ALERTS}{{alertname=~"{config.alert_prefix}.*", alertstate="firing", {matchers}}}'
 
 
@@ -392,7 +394,7 @@ class Panels:
         red = [Threshold(None, "green"), Threshold(1, "red")]
         orange = {
             "mode": "absolute",
-            "steps": [{"color": "green"}, {"color": "orange", "value": 1}],
+            "steps": [{"color": "green", "value": None}, {"color": "orange", "value": 1}],
         }
         return (
             self.big(
