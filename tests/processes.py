@@ -357,12 +357,14 @@ def start_uvicorn(
     app_dir: Path | None = None,
     shutdown_grace: float = 1.0,
     options: Sequence[str] = (),
+    port: int | None = None,
 ) -> Uvicorn:
-    """``python -m uvicorn --factory`` on a free loopback port, from the repository root (or
-    ``app_dir``), with ``env`` added to ours and its output in ``log`` (or ours). Returns at
-    once, so that several servers start together: then :meth:`Uvicorn.wait_ready`. As a
+    """``python -m uvicorn --factory`` on a free loopback port (or ``port``, when something
+    must know it beforehand: a provider's registered redirect URI), from the repository root
+    (or ``app_dir``), with ``env`` added to ours and its output in ``log`` (or ours). Returns
+    at once, so that several servers start together: then :meth:`Uvicorn.wait_ready`. As a
     context manager, the server is stopped at the end of the ``with`` block."""
-    port = free_port()
+    port = port or free_port()
     command = [sys.executable, "-m", "uvicorn", "--factory", factory]
     command += ["--host", HOST, "--port", str(port), "--workers", str(workers)]
     command += ["--log-level", "warning", "--no-access-log"]
