@@ -57,6 +57,20 @@ ALERTS = {
     "AsgiTokenRefreshClientRejected",
     "AsgiTokenRefreshCoordinatorDown",
 }
+DASHBOARD_UID = "asgi-token-refresh"
+# Labels whose values are names the app gives (OAuth2Client, coordinator), not the library's.
+NAMED_LABELS = ("asgi_token_refresh_provider", "asgi_token_refresh_coordinator")
+# The scenarios of the threshold model (RUNBOOK.md) and the alert each one is about.
+AT_REST = "a 10,000-user site at rest"
+SCENARIOS = {
+    AT_REST: "AsgiTokenRefreshStorm",
+    "a 20-session storm": "AsgiTokenRefreshStorm",
+    "a 100-session storm": "AsgiTokenRefreshStorm",
+    "every refresh failing": "AsgiTokenRefreshTerminalFailures",
+    "one invalid_client": "AsgiTokenRefreshClientRejected",
+    "45 s tokens": "AsgiTokenRefreshStorm",
+    "a process restart": "AsgiTokenRefreshStorm",
+}
 
 
 # -- fixtures -----------------------------------------------------------------------------------
@@ -367,8 +381,14 @@ def test_every_library_metric_has_a_rule_or_is_only_a_panel(
         for _, expr in lint.rule_expressions(rules)
         for selector, _ in lint._selectors(lint.parse(expr))
     }
-    # Waiters, flights in progress and logouts are context for a human, not alert conditions.
-    dashboard_only = {_telemetry.REFRESH_WAITERS, _telemetry.REFRESH_ACTIVE, _telemetry.LOGOUTS}
+    # Waiters, flights in progress and logouts are context for a human, not alert conditions;
+    # so are fresh hits, which scale with requests, not with sessions or refreshes.
+    dashboard_only = {
+        _telemetry.REFRESH_WAITERS,
+        _telemetry.REFRESH_ACTIVE,
+        _telemetry.LOGOUTS,
+        _telemetry.TOKEN_FRESH,
+    }
     for row in scrape.rows(live):
         if row.otel.name not in dashboard_only:
             assert used & set(row.family.series), f"no rule uses {row.otel.name}"
@@ -557,10 +577,17 @@ def test_alerts_follow_the_mixin_conventions(rules: dict[str, Any]) -> None:
     for alert in alerts:
         assert re.fullmatch(r"AsgiTokenRefresh[A-Za-z]+", alert["alert"])
         assert alert["labels"]["severity"] in ("warning", "critical")
-        assert set(alert["annotations"]) == {"summary", "description", "runbook_url"}
-        url = alert["annotations"]["runbook_url"]
+        annotations = alert["annotations"]
+        assert set(annotations) == {"summary", "description", "runbook_url", "dashboard_url"}
+        url = annotations["runbook_url"]
         assert url.endswith(f"/dashboards/RUNBOOK.md#{alert['alert'].lower()}")
         assert url.rsplit("#", 1)[1] in anchors
+        # A path of the Grafana that has the dashboard, with its job and provider picked.
+        assert annotations["dashboard_url"] == (
+            f"/d/{DASHBOARD_UID}?var-job={{{{ $labels.job | urlquery }}}}"
+            "&var-provider={{ $labels.asgi_token_refresh_provider | urlquery }}"
+        )
+    assert "how-the-thresholds-were-chosen" in anchors
     for record in lint.recorded_series(rules):
         assert re.fullmatch(r"[a-z_]+:asgi_token_refresh_[a-z0-9_]+:[a-z0-9_]+", record), record
 
@@ -572,8 +599,56 @@ def test_every_alert_has_a_firing_and_a_must_not_fire_unit_test() -> None:
     silent = {c["alertname"] for c in cases if not c["exp_alerts"]}
     assert fires == ALERTS
     assert silent == ALERTS
-    [steady] = [t for t in tests if t["name"].startswith("steady single-flight")]
+    [steady] = [t for t in tests if t["name"].startswith(f"{AT_REST}: steady single-flight")]
     assert {c["alertname"] for c in steady["alert_rule_test"] if not c["exp_alerts"]} == ALERTS
+
+
+def test_every_scenario_of_the_model_has_a_must_fire_and_a_must_not_fire_case() -> None:
+    # The scenarios RUNBOOK.md's thresholds were chosen for (issue 12): the tests named
+    # "<scenario>: ..." have, for its alert, a case that fires and a case that must not.
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    for scenario, alert in SCENARIOS.items():
+        cases = [
+            case
+            for test in tests
+            if test["name"].startswith(f"{scenario}: ")
+            for case in test.get("alert_rule_test", [])
+            if case["alertname"] == alert
+        ]
+        assert any(case["exp_alerts"] for case in cases), f"{scenario}: nothing fires {alert}"
+        assert any(not case["exp_alerts"] for case in cases), f"{scenario}: no must-not-fire"
+    restart = [t for t in tests if t["name"].startswith("a process restart: ")]
+    quiet = [t for t in restart if all(not c["exp_alerts"] for c in t["alert_rule_test"])]
+    assert quiet, "a process restart: no test where nothing fires"
+    assert {c["alertname"] for c in quiet[0]["alert_rule_test"]} == ALERTS
+
+
+def test_the_rule_tests_model_the_series_the_library_exports(live: scrape.Scrape) -> None:
+    # Every input series of alerts.test.yaml is one the live page has, with its labels exactly
+    # (plus job and instance, which Prometheus adds; the exporter's empty otel_scope_schema_url
+    # is no label in Prometheus) and label values the library uses.
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values: dict[str, dict[str, set[str]]] = {}
+    for family in text_string_to_metric_families(live.text):
+        for sample in family.samples:
+            for key, value in sample.labels.items():
+                values.setdefault(sample.name, {}).setdefault(key, set()).add(value)
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    checked = 0
+    for test in tests:
+        for item in test["input_series"]:
+            [(selector, _)] = list(lint._selectors(lint.parse(item["series"])))
+            assert selector.name in values, f"{test['name']}: {selector.name} is not on /metrics"
+            exported = values[selector.name]
+            labels = {m.name: m.value for m in selector.matchers.matchers}
+            expected = set(exported) - {"otel_scope_schema_url"} | {"job", "instance"}
+            assert set(labels) == expected, (test["name"], item["series"])
+            for key, value in labels.items():
+                if key not in ("job", "instance", "le", "otel_scope_version", *NAMED_LABELS):
+                    assert value in exported[key], (test["name"], key, value)
+            checked += 1
+    assert checked > 100
 
 
 def test_the_dashboard_draws_the_alert_thresholds(rules: dict[str, Any]) -> None:
