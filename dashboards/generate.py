@@ -61,7 +61,7 @@ EXAMPLE_DASHBOARDS_PATH = "/var/lib/grafana/dashboards/asgi-token-refresh"
 EXAMPLE_SCRAPE_INTERVAL = "15s"  # examples/grafana/prometheus.yml's
 
 #: The alert thresholds of alerts.yaml, drawn as dashed lines on the matching panels.
-STORM_SHARE = 0.1
+STORM_SHARE = 0.01
 INVALID_GRANT_RATIO = 0.05
 PROVIDER_ERROR_RATIO = 0.1
 SLOW_P99_SECONDS = 2.0
@@ -547,7 +547,9 @@ def build(config: Config = CONFIG) -> dashboard_builders.Dashboard:
         "session: a storm the dedupe did not stop (an API rejecting fresh tokens, tokens that "
         "expire within the refresh skew, or several instances refreshing the same session). "
         "Should be 0 when access tokens live longer than a minute. The dashed line is the "
-        "AsgiTokenRefreshStorm threshold. Source: asgi_token_refresh.refresh.interval.",
+        "AsgiTokenRefreshStorm threshold (1 %), which the alert applies to these re-refreshes "
+        "plus duplicate refreshes, as a share of all provider calls (RUNBOOK.md: how the "
+        "thresholds were chosen). Source: asgi_token_refresh.refresh.interval.",
         "percentunit",
         (
             divided(
