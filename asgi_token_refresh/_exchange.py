@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from ._clock import Clock
 from ._coordination import Coordinator, Lease, LocalCoordinator, Published
 from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
+from ._flight_recorder import FlightRecorder
 from ._keys import TokenParams
 from ._oauth import OAuth2Client
 from ._oauth_messages import TERMINAL_ERRORS
-from ._telemetry import FlightRecorder
 from ._tokens import TokenSet
 
 __all__ = ["COORDINATOR_RETRY", "Exchange", "StoredNewer", "Trip"]

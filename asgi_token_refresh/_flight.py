@@ -19,10 +19,10 @@ from opentelemetry import trace
 from ._caches import LOGGED_OUT, Caches
 from ._errors import ReauthenticationRequired, RefreshUnavailable, TokenEndpointError
 from ._exchange import Exchange, Trip
+from ._flight_recorder import FlightRecorder
 from ._keys import TokenParams
 from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._single_flight import Flight, SingleFlight, Slots, release
-from ._telemetry import FlightRecorder
 from ._tokens import TokenSet
 
 __all__ = ["CurrentTokenSet", "FlightRequest", "OnRefreshed", "Pilot", "call_hook"]

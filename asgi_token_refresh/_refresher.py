@@ -27,11 +27,12 @@ from ._coordination import Coordinator
 from ._errors import ConfigurationError, ReauthenticationRequired
 from ._exchange import Exchange
 from ._flight import CurrentTokenSet, FlightRequest, OnRefreshed, Pilot
+from ._flight_recorder import FlightRecorder, mark_failed
 from ._keys import NO_PARAMS, KeyMaker, TokenParams
 from ._oauth import OAuth2Client
 from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._single_flight import Flight, SingleFlight, detach, run_blocking
-from ._telemetry import FlightRecorder, Telemetry, mark_failed
+from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
 __all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "SyncRefresher", "TokenParams"]
