@@ -882,3 +882,25 @@ def test_the_idp_runs_from_several_threads_at_once_without_losing_counts() -> No
         statuses = [status for result in results for status in result.result(timeout=10)]
     assert statuses == [200] * 20
     assert idp.token_calls("refresh_token", "success") == 20
+
+
+@pytest.mark.parametrize("status", [400, 401, 403])
+def test_dead_refresh_tokens_are_answered_with_the_chosen_status(status: int) -> None:
+    idp = FakeIdP(dead_token_status=status)
+    first = idp.issue()
+
+    async def test(client: httpx.AsyncClient) -> list[tuple[int, str]]:
+        answers = [
+            await refresh(client, first["refresh_token"]),  # rotates
+            await refresh(client, first["refresh_token"]),  # reused: the grant dies
+            await refresh(client, "rt_never_issued"),
+        ]
+        return [(a.status_code, a.json().get("error", "")) for a in answers]
+
+    assert run_with(idp, test) == [(200, ""), (status, "invalid_grant"), (status, "invalid_grant")]
+    assert idp.token_calls(outcome="reuse_revoked") == 1
+
+
+def test_dead_token_status_is_400_401_or_403() -> None:
+    with pytest.raises(ValueError, match="dead_token_status must be one of"):
+        FakeIdP(dead_token_status=500)

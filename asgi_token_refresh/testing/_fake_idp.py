@@ -55,7 +55,9 @@ class FakeIdP(ProviderEndpoints):
     set, then is answered. A reused refresh token within ``reuse_grace`` seconds (or the first
     ``reuse_count`` times) gets the grant's current refresh token; beyond that it is
     ``invalid_grant`` and, with ``revoke_on_reuse``, the whole grant dies. A replayed
-    authorization code is treated the same way (RFC 6749 §4.1.2).
+    authorization code is treated the same way (RFC 6749 §4.1.2). A dead refresh token (reused,
+    revoked, unknown) is answered ``invalid_grant`` with ``dead_token_status``: 400 as RFC 6749
+    §5.2 says, or 403 as Auth0 answers, or 401.
 
     ID tokens (with ``openid`` in the scope, at login and on every refresh) are signed with a
     real ``id_token_alg`` key (``"RS256"`` or ``"ES256"``, needs the ``oidc`` extra) whose
@@ -91,6 +93,7 @@ class FakeIdP(ProviderEndpoints):
         latency: float = 0.0,
         id_token_alg: str = "RS256",
         revocation_in_oauth_metadata_only: bool = False,
+        dead_token_status: int = 400,
     ) -> None:
         self._issuer = issuer.rstrip("/") if issuer is not None else None
         super().__init__(
@@ -103,6 +106,7 @@ class FakeIdP(ProviderEndpoints):
             reuse_count=reuse_count,
             revoke_on_reuse=revoke_on_reuse,
             id_token_alg=id_token_alg,
+            dead_token_status=dead_token_status,
         )
         self.revocation_in_oauth_metadata_only = revocation_in_oauth_metadata_only
         self.subject = subject

@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from ._keys import KeyRing
 
 ID_TOKEN_ALGORITHMS = ("RS256", "ES256")
+#: How providers answer ``invalid_grant`` to a dead refresh token: RFC 6749 §5.2 says 400
+#: (node oidc-provider does); Auth0 sends 403; some gateways 401.
+DEAD_TOKEN_STATUSES = (400, 401, 403)
 
 
 @dataclass(eq=False)
@@ -89,9 +92,12 @@ class TokenIssuer:
         reuse_count: int,
         revoke_on_reuse: bool,
         id_token_alg: str,
+        dead_token_status: int = 400,
     ) -> None:
         if id_token_alg not in ID_TOKEN_ALGORITHMS:
             raise ValueError(f"id_token_alg must be one of {ID_TOKEN_ALGORITHMS}")
+        if dead_token_status not in DEAD_TOKEN_STATUSES:
+            raise ValueError(f"dead_token_status must be one of {DEAD_TOKEN_STATUSES}")
         self._last_issuer = issuer  # what ID tokens name; FakeIdP learns it from requests
         self.clock = clock
         self._clients = clients
@@ -100,6 +106,7 @@ class TokenIssuer:
         self.reuse_grace = reuse_grace
         self.reuse_count = reuse_count
         self.revoke_on_reuse = revoke_on_reuse
+        self.dead_token_status = dead_token_status
 
         # Guards the records below, _last_issuer, and FakeIdP's counters, faults and gate.
         self._lock = threading.Lock()
@@ -226,7 +233,7 @@ class TokenIssuer:
     def _refresh_grant(self, client_id: str, form: Mapping[str, str]) -> tuple[dict[str, Any], str]:
         record = self._refresh.get(form.get("refresh_token", ""))
         if record is None or record.grant.client_id != client_id or not record.grant.active:
-            raise Reject("invalid_grant", "refresh token is invalid, expired or revoked")
+            raise self._dead("refresh token is invalid, expired or revoked")
         grant = record.grant
         scope = grant.scope
         if "scope" in form:
@@ -251,8 +258,12 @@ class TokenIssuer:
             return body, "reuse_allowed"
         if self.revoke_on_reuse:
             self._revoke_grant(grant)
-            raise Reject("invalid_grant", "refresh token reused", outcome="reuse_revoked")
-        raise Reject("invalid_grant", "refresh token already used")
+            raise self._dead("refresh token reused", outcome="reuse_revoked")
+        raise self._dead("refresh token already used")
+
+    def _dead(self, description: str, *, outcome: str = "") -> Reject:
+        """``invalid_grant`` for a refresh token, with the provider's status for it."""
+        return Reject("invalid_grant", description, status=self.dead_token_status, outcome=outcome)
 
     def _client_credentials(self, client_id: str, form: Mapping[str, str]) -> dict[str, Any]:
         if self._clients[client_id] is None:
