@@ -9,11 +9,17 @@ independently written OpenID provider for the tests and for ``probe``'s tests.
 
 Policy (``provider.js``): refresh tokens rotate (``rotate_refresh_tokens``) and a consumed one
 presented again revokes the whole grant (oidc-provider's own rule, no grace window); access
-tokens live ``access_token_ttl`` seconds; refresh tokens are issued for ``offline_access`` only,
-which needs ``prompt=consent``; revocation (RFC 7009), userinfo and RP-initiated logout are on;
-one confidential client (``client_secret_basic``). The counts are the provider's: it listens to
-its own events (``grant.success``, ``grant.error``, ``refresh_token.consumed``,
-``grant.revoked``) and serves them on a second loopback port.
+tokens live ``access_token_ttl`` seconds, exactly (``clock_tolerance`` 0); refresh tokens are
+issued for ``offline_access`` only, which needs ``prompt=consent``; revocation (RFC 7009),
+userinfo and RP-initiated logout are on; one confidential client (``client_secret_basic``).
+The counts are the provider's: it listens to its own events (``grant.success``,
+``grant.error``, ``refresh_token.consumed``, ``grant.revoked``) and serves them on a second
+loopback port.
+
+Why the issuer has a path prefix: many providers publish one (Keycloak's ``/realms/NAME``,
+Entra ID's ``/TENANT/v2.0``), and discovery, the ``iss`` of ID tokens and of the authorization
+response (RFC 9207) must all keep it. Mounting oidc-provider under ``/oidc`` is its documented
+way (it reads the mount path from ``req.originalUrl``).
 
 ``node`` is the only runtime needed; ``scripts/provider-deps`` installs the npm packages
 (``npm ci``), and ``scripts/test`` runs it, after ``scripts/system-deps`` installed Debian's
@@ -233,6 +239,13 @@ class NodeOIDCProvider:
     log: Path
 
     @property
+    def port(self) -> int:
+        """The port it listens on itself (a proxy in front forwards there)."""
+        port = urlsplit(self.url).port
+        assert port is not None
+        return port
+
+    @property
     def version(self) -> str:
         return oidc_provider_version()
 
@@ -388,6 +401,8 @@ def running_node_oidc_provider(
     access_token_ttl: int = 4,
     refresh_token_ttl: int = 86_400,
     rotate_refresh_tokens: bool = True,
+    clock_tolerance: int = 0,
+    application_type: str = "web",
     issuer_port: int | None = None,
     client_id: str = CLIENT_ID,
     client_secret: str = CLIENT_SECRET,
@@ -396,7 +411,11 @@ def running_node_oidc_provider(
     and log in ``workdir``), ready (discovery answers) when this yields; always stopped by PID.
 
     ``redirect_uris`` and ``post_logout_redirect_uris`` are registered for the client, exactly
-    (oidc-provider matches them exactly), besides :data:`HARNESS_REDIRECT_URI`.
+    (oidc-provider matches them exactly), besides :data:`HARNESS_REDIRECT_URI`; with
+    ``application_type="native"`` a loopback ``http`` redirect URI matches on any port (RFC 8252
+    §7.3), for a command-line login whose callback port is picked when it runs.
+    ``clock_tolerance``: seconds past its ``exp`` that oidc-provider still accepts a token
+    (its default is 15; 0 here, so that a token is dead when its ``expires_in`` says).
     ``issuer_port``: the port the issuer names when something else listens there and forwards
     to the provider (a proxy); by default the provider's own."""
     node = shutil.which("node")
@@ -408,8 +427,11 @@ def running_node_oidc_provider(
             f"node oidc-provider {oidc_provider_version()} is not installed in {PACKAGE_DIR} "
             f"(found: {installed}): run scripts/provider-deps (npm ci; scripts/test runs it)"
         )
-    port = free_port(avoid={issuer_port} if issuer_port else ())
-    admin_port = free_port(avoid={port, issuer_port or port})
+    # Not a port the caller is about to bind: its apps' (from the URIs) or its proxy's.
+    wanted = [urlsplit(uri).port for uri in (*redirect_uris, *post_logout_redirect_uris)]
+    taken = {port for port in (*wanted, issuer_port) if port is not None}
+    port = free_port(avoid=taken)
+    admin_port = free_port(avoid={*taken, port})
     issuer = f"http://{HOST}:{issuer_port or port}{PATH_PREFIX}"
     client = {
         "client_id": client_id,
@@ -419,6 +441,7 @@ def running_node_oidc_provider(
         "grant_types": ["authorization_code", "refresh_token"],
         "response_types": ["code"],
         "token_endpoint_auth_method": "client_secret_basic",
+        "application_type": application_type,
     }
     config = {
         "issuer": issuer,
@@ -428,6 +451,7 @@ def running_node_oidc_provider(
         "access_token_ttl": access_token_ttl,
         "refresh_token_ttl": refresh_token_ttl,
         "rotate_refresh_tokens": rotate_refresh_tokens,
+        "clock_tolerance": clock_tolerance,
     }
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / f"node-oidc-{port}.json"

@@ -70,11 +70,15 @@ class LossyProxy:
         thread.start()
 
     def _accept(self) -> None:
+        self._listener.settimeout(0.2)  # closing a socket does not wake a blocked accept()
         while not self._closing.is_set():
             try:
                 client, _ = self._listener.accept()
+            except TimeoutError:
+                continue
             except OSError:
                 return  # closed
+            client.settimeout(None)
             self._start(self._pipe, client)
 
     def _take(self, request: bytes) -> bool:

@@ -4,7 +4,7 @@
 //
 // CONFIG (written by the harness): {"issuer": "http://127.0.0.1:PORT/oidc", "port": PORT,
 // "admin_port": PORT2, "clients": [client metadata...], "access_token_ttl": s,
-// "refresh_token_ttl": s, "rotate_refresh_tokens": bool}.
+// "refresh_token_ttl": s, "rotate_refresh_tokens": bool, "clock_tolerance": s}.
 //
 // The issuer has a path prefix: this plain http server strips it before oidc-provider sees the
 // request and keeps the full path in req.originalUrl, which is how oidc-provider learns where it
@@ -62,6 +62,9 @@ const provider = new Provider(config.issuer, {
     Session: 3600,
     Interaction: 600,
   },
+  // oidc-provider accepts an expired token for clockTolerance seconds (15 by default) after its
+  // exp: the harness passes 0 unless asked, so that a token is dead when its expires_in says.
+  clockTolerance: config.clock_tolerance,
   cookies: { keys: ['node-oidc-test-cookie-key'] },
 });
 
