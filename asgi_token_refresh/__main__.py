@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ._dashboards import add_dashboards_command, run_dashboards
+from ._probe import add_probe_command, run_probe
 from ._storm import StormReport, run_storm, side_by_side
 
 if TYPE_CHECKING:
@@ -190,9 +191,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "not with --serve)",
     )
     add_dashboards_command(commands)  # dashboards --out DIR: the dashboard, rules, provisioning
+    add_probe_command(commands)  # probe --issuer URL --client-id ID: the provider's policy
     args = parser.parse_args(argv)
     if args.command == "dashboards":
         return run_dashboards(args)
+    if args.command == "probe":
+        return run_probe(args)
     if args.command == "demo":
         return _demo(args)
 
