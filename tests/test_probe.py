@@ -396,6 +396,17 @@ def test_the_command_is_registered_and_reads_the_secret_from_the_environment(
     assert_no_secret(p.recorder, captured.out, captured.err, caplog.text)
 
 
+def test_the_readme_shows_a_real_run_against_the_strict_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("A run against `FakeIdP`'s strict policy", 1)[1]
+    shown = after.split("```\n", 2)[1]
+    with provider(caplog) as p:
+        run = p.probe()
+    assert run.out.replace(p.url, "http://127.0.0.1:8400") == shown
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
