@@ -11,8 +11,8 @@ rules of Grafana's dashboard-linter that apply to PromQL:
   ``job``, ``instance``, ``provider``: ``label=~"$variable"``, the label read from the variable's
   ``label_values()``), every range is ``[$__rate_interval]``, and each variable's
   ``label_values()`` is valid and filters the variables before it; Prometheus's ``ALERTS`` may be
-  selected too, and may let a series without a label through (``label=~"$variable|"``: alerts
-  keep only the labels their rules aggregate by);
+  selected too, as may the rule file's recorded series, and both may let a series without a
+  label through (``label=~"$variable|"``: they keep only the labels their rules aggregate by);
 - never add up providers: in the dashboard every aggregation keeps the provider label, and no
   panel stacks its series (Grafana's stacking adds them up), unless the panel is repeated per
   provider.
@@ -106,7 +106,7 @@ def lint_expr(
         if dashboard:
             if isinstance(parent, pq.MatrixSelector) and parent.range != RATE_INTERVAL_RANGE:
                 problems.append(f"{where}: use [$__rate_interval] as the range")
-            absent_ok = name in PROMETHEUS_SERIES
+            absent_ok = name in PROMETHEUS_SERIES or name in recorded
             for label, variable in matchers.items():
                 allowed = {variable, f"{variable}|"} if absent_ok else {variable}
                 if not any(
@@ -297,9 +297,12 @@ def lint_dashboard(
     dashboard: Mapping[str, Any],
     series_types: Mapping[str, str],
     alert_names: frozenset[str] | None = None,
+    recorded: frozenset[str] = frozenset(),
 ) -> list[str]:
     """Every panel target, annotation and variable query of ``dashboard``; ``alert_names``
-    (the rule file's alerts): an ``alertname`` matcher must match one of them."""
+    (the rule file's alerts): an ``alertname`` matcher must match one of them; ``recorded``:
+    the rule file's recorded series, which a panel may read (like ``ALERTS``, they keep only
+    the labels their rules aggregate by, so ``label=~"$variable|"`` is allowed for them)."""
     matchers = variable_matchers(dashboard)
     series = {**series_types, **PROMETHEUS_SERIES}
     queries = [*dashboard_queries(dashboard), *annotation_queries(dashboard)]
@@ -307,7 +310,12 @@ def lint_dashboard(
         f"{title}: {expr!r}: {problem}"
         for title, expr in queries
         for problem in lint_expr(
-            expr, series, dashboard=True, matchers=matchers, keep_label=PROVIDER_LABEL
+            expr,
+            series,
+            dashboard=True,
+            recorded=recorded,
+            matchers=matchers,
+            keep_label=PROVIDER_LABEL,
         )
     ]
     if alert_names is not None:
@@ -364,7 +372,9 @@ def main() -> int:
     alerts = frozenset(
         rule["alert"] for group in rules["groups"] for rule in group["rules"] if "alert" in rule
     )
-    problems = lint_dashboard(json.loads(DASHBOARD.read_text()), series_types, alerts)
+    problems = lint_dashboard(
+        json.loads(DASHBOARD.read_text()), series_types, alerts, recorded_series(rules)
+    )
     problems += lint_rules(rules, series_types)
     for problem in problems:
         print(problem, file=sys.stderr)

@@ -248,7 +248,7 @@ def test_the_first_screen_answers_is_there_a_storm_where_since_when(
     storms = {p["title"] for p in first_screen if p["type"] == "timeseries"}
     assert storms == {
         "Refreshes/s by outcome",
-        "Rapid re-refresh share (interval ≤ 30 s)",
+        "Excess refresh share (the storm alert's measure)",
         "invalid_grant ratio",
         "Refreshes per grant rotation",
         "Refreshes/s per instance",
@@ -292,7 +292,7 @@ def test_panels_and_the_dashboard_link_to_the_runbook(
                 linked.add(anchor)
     linked_alerts = {a for a in ALERTS if a.lower() in linked}
     assert linked_alerts == ALERTS, "every alert's runbook section is linked from a panel"
-    storm_panels = {"Refreshes/s by outcome", "Rapid re-refresh share (interval ≤ 30 s)"}
+    storm_panels = {"Refreshes/s by outcome", "Excess refresh share (the storm alert's measure)"}
     for panel in _panels(dashboard):
         if panel["title"] in storm_panels:
             assert any(link["url"].endswith("#asgitokenrefreshstorm") for link in panel["links"])
@@ -358,7 +358,12 @@ def test_every_panel_variable_and_rule_expression_lints_clean(
 ) -> None:
     series = live.series_types()
     alerts = frozenset(a["alert"] for a in _alerts(rules))
-    assert lint.lint_dashboard(dashboard, series, alerts) == []
+    recorded = lint.recorded_series(rules)
+    assert lint.lint_dashboard(dashboard, series, alerts, recorded) == []
+    # The panels that read a recording rule say so, and work only with alerts.yaml loaded.
+    without_rules = lint.lint_dashboard(dashboard, series, alerts)
+    assert without_rules
+    assert all(generate.EXCESS_SHARE in problem for problem in without_rules)
     assert lint.lint_rules(rules, series) == []
     assert len(list(lint.dashboard_queries(dashboard))) >= len(REQUIRED_PANELS)
 
@@ -663,6 +668,20 @@ def test_the_dashboard_draws_the_alert_thresholds(rules: dict[str, Any]) -> None
         ("AsgiTokenRefreshSlow", generate.SLOW_P99_SECONDS),
     ):
         assert re.search(rf"> {threshold:g}\b", expressions[alert]), alert
+    # The storm panel of the first screen draws the alert's own measure, the recorded share.
+    storm = expressions["AsgiTokenRefreshStorm"]
+    assert f"{generate.EXCESS_SHARE} > {generate.STORM_SHARE:g}" in storm
+
+
+def test_the_excess_panel_reads_the_storm_alerts_recording_rule(
+    dashboard: dict[str, Any], rules: dict[str, Any]
+) -> None:
+    [panel] = [p for p in _panels(dashboard) if p["title"].startswith("Excess refresh share")]
+    [target] = panel["targets"]
+    assert target["expr"].startswith(generate.EXCESS_SHARE + "{")
+    assert generate.EXCESS_SHARE in lint.recorded_series(rules)
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert steps[-1]["value"] == generate.STORM_SHARE
 
 
 # -- examples/grafana ---------------------------------------------------------------------------

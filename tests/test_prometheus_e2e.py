@@ -313,9 +313,20 @@ def test_a_namespace_nobody_scrapes_selects_nothing(
         for title, target in _targets(dashboard)
         if storm.api.query(interpolate(target["expr"], variables), at=storm.scraped_at)
     }
-    # Only the alert-state panel answers: alerts keep no namespace label (their rules aggregate
-    # by job and provider), so they are shown whatever the namespace, and 0 when there is none.
-    assert selected == {"Alerts firing / pending [A]", "Alerts firing / pending [B]"}
+    # Only what the rules make answers: alerts and recorded series keep no namespace label
+    # (their rules aggregate by job and provider), so they are let through ("$namespace|")
+    # whatever the namespace; the alert panel reads 0 when there is no alert.
+    rules_made = {
+        f"{title} [{target['refId']}]"
+        for title, target in _targets(dashboard)
+        if 'namespace=~"$namespace|"' in target["expr"]
+    }
+    assert rules_made >= {
+        "Alerts firing / pending [A]",
+        "Alerts firing / pending [B]",
+        "Excess refresh share (the storm alert's measure) [A]",
+    }
+    assert selected == rules_made
 
 
 def test_the_template_variables_list_the_demo(storm: Storm, dashboard: dict[str, Any]) -> None:
@@ -457,3 +468,19 @@ def test_the_alert_state_panel_counts_the_storm_alerts(
     firing = storm.api.values(interpolate(targets["firing"], variables))
     assert "single-flight" not in firing
     assert firing == {"{}": 0.0} or all(value >= 1 for value in firing.values())
+
+
+def test_the_excess_panel_shows_naives_storm_and_none_for_single_flight(
+    storm: Storm, dashboard: dict[str, Any]
+) -> None:
+    [panel] = [p for p in _panels(dashboard) if p["title"].startswith("Excess refresh share")]
+    [target] = panel["targets"]
+    expr = interpolate(target["expr"], _all(dashboard))
+    threshold = panel["fieldConfig"]["defaults"]["thresholds"]["steps"][-1]["value"]
+
+    def shown() -> dict[str, float] | None:
+        share = storm.api.values(expr)
+        return share if set(share) == PROVIDERS and share["naive"] > threshold else None
+
+    share = _wait_until("the excess share is recorded", shown, 20, storm.diagnostics)
+    assert share["single-flight"] == 0
