@@ -24,10 +24,10 @@ import pytest
 
 from asgi_token_refresh.__main__ import main
 from asgi_token_refresh._probe import add_probe_arguments, run_probe
-from asgi_token_refresh._probe_findings import Findings, Refusal, Reuse, SearchBounds
-from asgi_token_refresh._probe_measure import Sleep
-from asgi_token_refresh._probe_provider import Endpoints
-from asgi_token_refresh._probe_rules import policy, recommend, settings
+from asgi_token_refresh._probe.findings import Findings, Refusal, Reuse, SearchBounds
+from asgi_token_refresh._probe.measure import Sleep
+from asgi_token_refresh._probe.provider import Endpoints
+from asgi_token_refresh._probe.rules import policy, recommend, settings
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, serve
 from asgi_token_refresh.testing._http import ASGIApp, Receive, Scope, Send, lifespan, read_body
 

@@ -1,12 +1,12 @@
-"""What ``probe`` found: plain data, filled by :mod:`._probe_measure`, read by
-:mod:`._probe_rules` (what it means) and :mod:`._probe_report` (how it is shown)."""
+"""What ``probe`` found: plain data, filled by :mod:`.measure`, read by
+:mod:`.rules` (what it means) and :mod:`.report` (how it is shown)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ._oauth_messages import TERMINAL_ERRORS
-from ._probe_provider import Endpoints
+from .._oauth_messages import TERMINAL_ERRORS
+from .provider import Endpoints
 
 __all__ = ["Findings", "Refusal", "Reuse", "SearchBounds"]
 

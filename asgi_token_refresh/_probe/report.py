@@ -9,10 +9,10 @@ import textwrap
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._probe_findings import Findings, Refusal, Reuse, SearchBounds
-from ._probe_provider import ENDPOINT_FIELDS
-from ._probe_rules import GRACE_TTL, SKEW, policy, recommend, settings
-from ._probe_rules import duration as _s
+from .findings import Findings, Refusal, Reuse, SearchBounds
+from .provider import ENDPOINT_FIELDS
+from .rules import GRACE_TTL, SKEW, policy, recommend, settings
+from .rules import duration as _s
 
 __all__ = ["SCHEMA", "table", "to_json"]
 

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 
-from ._clock import Clock
-from ._probe_findings import Findings, Refusal, Reuse, SearchBounds
-from ._probe_provider import ProbeError, ProbeProvider, TokenAnswer
+from .._clock import Clock
+from .findings import Findings, Refusal, Reuse, SearchBounds
+from .provider import ProbeError, ProbeProvider, TokenAnswer
 
 __all__ = ["Prober", "Sleep"]
 

@@ -3,8 +3,8 @@
     asgi-token-refresh probe --issuer URL --client-id ID [--client-secret SECRET]
         [--refresh-token TOKEN ...] [--redirect-port 8252] [--max-grace 60] [--json]
 
-It spends the grant it probes (says so first), measures with :mod:`._probe_measure`, prints
-:mod:`._probe_report`'s table (or ``--json``) on stdout and its progress on stderr. Exit codes:
+It spends the grant it probes (says so first), measures with :mod:`.measure`, prints
+:mod:`.report`'s table (or ``--json``) on stdout and its progress on stderr. Exit codes:
 0 probed; 2 usage or configuration (arguments, client refused, no refresh token, a spent
 token); 1 the provider is unreachable or misbehaving (network, 5xx, answers that are no token
 response). Whatever happens, no token is printed: errors carry statuses and OAuth error codes,
@@ -22,13 +22,13 @@ from collections.abc import Callable
 from typing import TextIO
 from urllib.parse import urlsplit
 
-from ._clock import SYSTEM_CLOCK, Clock
-from ._oauth_messages import ClientAuthMethod
-from ._probe_findings import Findings, SearchBounds
-from ._probe_login import SCOPE, browser_login
-from ._probe_measure import Prober, Sleep
-from ._probe_provider import ProbeError, ProbeProvider, TokenAnswer
-from ._probe_report import table, to_json
+from .._clock import SYSTEM_CLOCK, Clock
+from .._oauth_messages import ClientAuthMethod
+from .findings import Findings, SearchBounds
+from .login import SCOPE, browser_login
+from .measure import Prober, Sleep
+from .provider import ProbeError, ProbeProvider, TokenAnswer
+from .report import table, to_json
 
 __all__ = ["add_probe_arguments", "add_probe_command", "run_probe"]
 

@@ -15,8 +15,8 @@ import secrets
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlsplit
 
-from ._oauth_messages import build_authorization_url
-from ._probe_provider import ProbeError, ProbeProvider, TokenAnswer
+from .._oauth_messages import build_authorization_url
+from .provider import ProbeError, ProbeProvider, TokenAnswer
 
 __all__ = ["SCOPE", "browser_login"]
 

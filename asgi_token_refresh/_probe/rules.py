@@ -11,9 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ._oauth_messages import DEFAULT_RETRY_AFTER
-from ._probe_findings import Findings, Refusal, Reuse
-from ._probe_provider import Endpoints
+from .._oauth_messages import DEFAULT_RETRY_AFTER
+from .findings import Findings, Refusal, Reuse
+from .provider import Endpoints
 
 __all__ = [
     "GRACE_TTL",

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._clock import Clock
-from ._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
-from ._oauth_messages import (
+from .._clock import Clock
+from .._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
+from .._oauth_messages import (
     ClientAuthMethod,
     ProviderMetadata,
     build_token_request,
     raise_for_token_response,
     redact,
 )
-from ._provider_http import ProviderHTTP
-from ._tokens import TokenSet
+from .._provider_http import ProviderHTTP
+from .._tokens import TokenSet
 
 __all__ = ["Endpoints", "ProbeError", "ProbeProvider", "TokenAnswer"]
 
