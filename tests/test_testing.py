@@ -219,6 +219,33 @@ def test_wrong_pkce_verifier_is_rejected_and_a_replayed_code_revokes_its_tokens(
     assert idp.token_calls("authorization_code", "reuse_revoked") == 1
 
 
+@pytest.mark.parametrize(
+    "verifier", ["x" * 42, "x" * 129, "x" * 42 + "!", "y" * 20], ids=["42", "129", "bad-char", "20"]
+)
+def test_a_verifier_outside_rfc_7636s_alphabet_or_length_is_an_invalid_request(
+    verifier: str,
+) -> None:
+    """RFC 7636 §4.1: 43 to 128 unreserved characters. Real providers refuse anything else
+    (node oidc-provider caught a 32-character verifier of ours that this fake let through)."""
+
+    async def test(client: httpx.AsyncClient) -> tuple[int, str]:
+        digest = hashlib.sha256(verifier.encode()).digest()
+        challenge = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        redirect = await authorize(
+            client, code_challenge=challenge, code_challenge_method="S256", prompt="consent"
+        )
+        data = {
+            "grant_type": "authorization_code",
+            "code": redirect["code"],
+            "redirect_uri": REDIRECT,
+            "code_verifier": verifier,
+        }
+        response = await client.post("/token", data=data, auth=APP)
+        return response.status_code, response.json()["error"]
+
+    assert run_with(FakeIdP(), test) == (400, "invalid_request")
+
+
 def test_a_verifier_is_refused_when_the_authorization_request_had_no_challenge() -> None:
     async def test(client: httpx.AsyncClient) -> str:
         code = (await authorize(client))["code"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import threading
 from collections import deque
@@ -218,6 +219,9 @@ class TokenIssuer:
         if form.get("redirect_uri") != code.redirect_uri:
             raise Reject("invalid_grant", "redirect_uri does not match")
         verifier = form.get("code_verifier")
+        if verifier is not None and not _VERIFIER.fullmatch(verifier):
+            # RFC 7636 §4.1: 43 to 128 unreserved characters (real providers check it).
+            raise Reject("invalid_request", "code_verifier must be 43 to 128 unreserved characters")
         # A verifier without a challenge is refused too (OAuth 2.1 PKCE downgrade protection).
         if (code.challenge is None) != (verifier is None) or (
             verifier is not None
@@ -354,6 +358,9 @@ def _number(value: float) -> float | int:
 
 def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+_VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
 
 
 def _s256(verifier: str) -> str:
