@@ -289,14 +289,14 @@ class _Shared(httpx.AsyncBaseTransport):
         pass  # owned by the process (or by whoever passed it in), not by one request
 
 
-async def _close_pools(by_provider: dict[int, _Shared]) -> None:
+async def _close_pools(by_provider: dict[tuple[int, int], _Shared]) -> None:
     for shared in by_provider.values():
         await shared.inner.aclose()
 
 
-# A connection pool belongs to one event loop: one per loop (and tracer provider), closed when
+# A connection pool belongs to one event loop: one per loop (and telemetry providers), closed when
 # the loop shuts down.
-_pools: PerLoop[dict[int, _Shared]] = PerLoop(dict, close=_close_pools)
+_pools: PerLoop[dict[tuple[int, int], _Shared]] = PerLoop(dict, close=_close_pools)
 
 
 async def close_shared_pool() -> None:
@@ -321,13 +321,14 @@ def shared_client(
         raise ConfigurationError("the client authenticates with the session's tokens; no auth=")
     transport = options.pop("transport", None)
     if transport is not None:
-        shared = _Shared(instrumented(transport, telemetry.tracer_provider))
+        shared = _Shared(instrumented(transport, telemetry))
     else:
         by_provider = _pools.get()
-        pooled = by_provider.get(id(telemetry.tracer_provider))
+        providers = (id(telemetry.tracer_provider), id(telemetry.meter_provider))
+        pooled = by_provider.get(providers)
         if pooled is None:
-            pool = instrumented(httpx.AsyncHTTPTransport(), telemetry.tracer_provider)
-            pooled = by_provider[id(telemetry.tracer_provider)] = _Shared(pool)
+            pool = instrumented(httpx.AsyncHTTPTransport(), telemetry)
+            pooled = by_provider[providers] = _Shared(pool)
         shared = pooled
     return httpx.AsyncClient(
         transport=shared,

@@ -119,7 +119,7 @@ class OAuth2Client:
             max_response_bytes=max_response_bytes,
             transport=transport,
             http_client=http_client,
-            tracer_provider=self.telemetry.tracer_provider,
+            telemetry=self.telemetry,
         )
         # Endpoints given explicitly win over discovered ones (a provider may publish none).
         self._explicit = {

@@ -9,13 +9,16 @@ headers hold the client credentials.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from ._errors import RefreshUnavailable
 from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._per_loop import PerLoop
+
+if TYPE_CHECKING:
+    from ._telemetry import Telemetry
 
 __all__ = ["ProviderHTTP", "instrumented"]
 
@@ -35,13 +38,13 @@ class ProviderHTTP:
         max_response_bytes: int,
         transport: httpx.AsyncBaseTransport | None,
         http_client: httpx.AsyncClient | None,
-        tracer_provider: Any,
+        telemetry: Telemetry | None,
     ) -> None:
         self.timeout = timeout
         self.max_response_bytes = max_response_bytes
         self._transport = transport
         self._http = http_client
-        self._tracer_provider = tracer_provider
+        self._telemetry = telemetry
         self._pools: PerLoop[httpx.AsyncClient] = PerLoop(
             self._new_pool, close=httpx.AsyncClient.aclose
         )
@@ -56,9 +59,9 @@ class ProviderHTTP:
         return self._http if self._http is not None else self._pools.get()
 
     def _new_pool(self) -> httpx.AsyncClient:
-        transport = instrumented(
-            self._transport or httpx.AsyncHTTPTransport(limits=_POOL_LIMITS), self._tracer_provider
-        )
+        transport = self._transport or httpx.AsyncHTTPTransport(limits=_POOL_LIMITS)
+        if self._telemetry is not None:  # (None: not traced, as for the probe command)
+            transport = instrumented(transport, self._telemetry)
         return httpx.AsyncClient(transport=transport, timeout=self.timeout, follow_redirects=False)
 
     async def aclose(self) -> None:
@@ -98,9 +101,10 @@ class ProviderHTTP:
 
 
 def instrumented(
-    transport: httpx.AsyncBaseTransport, tracer_provider: Any = None
+    transport: httpx.AsyncBaseTransport, telemetry: Telemetry
 ) -> httpx.AsyncBaseTransport:
-    """``transport`` traced by opentelemetry-instrumentation-httpx when it is installed.
+    """``transport`` traced by opentelemetry-instrumentation-httpx when it is installed, into
+    ``telemetry``'s own providers (its HTTP spans and duration metrics go where ours go).
 
     Its spans carry method, URL and status, never headers or bodies, so no token leaks there.
     """
@@ -108,4 +112,8 @@ def instrumented(
         from opentelemetry.instrumentation.httpx import AsyncOpenTelemetryTransport
     except ImportError:  # pragma: no cover - the instrumentation is an optional dependency
         return transport
-    return AsyncOpenTelemetryTransport(transport, tracer_provider=tracer_provider)
+    return AsyncOpenTelemetryTransport(
+        transport,
+        tracer_provider=telemetry.tracer_provider,
+        meter_provider=telemetry.meter_provider,
+    )

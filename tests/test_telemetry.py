@@ -387,3 +387,23 @@ def _app(refresher: Refresher, idp: FakeIdP, api: Any = None) -> Starlette:
             Middleware(TokenRefreshMiddleware, refresher=refresher, store=MemorySessionStore())
         ],
     )
+
+
+async def test_the_token_endpoint_calls_http_metrics_go_to_the_clients_own_meter_provider(
+    refresher: Refresher, idp: FakeIdP, clock: FakeClock, captured: CapturedTelemetry
+) -> None:
+    """opentelemetry-instrumentation-httpx records a duration histogram per request: with
+    ``Telemetry(meter_provider=...)`` it goes there, like our own metrics, not to the global
+    provider."""
+    session = login(idp, clock)
+    clock.advance(EXPIRED)
+    await refresher.ensure_fresh(session)
+    data = captured.reader.get_metrics_data()
+    assert data is not None
+    names = {
+        metric.name
+        for resource in data.resource_metrics
+        for scope in resource.scope_metrics
+        for metric in scope.metrics
+    }
+    assert names & {"http.client.duration", "http.client.request.duration"}, names

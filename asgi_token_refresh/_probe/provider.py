@@ -113,7 +113,7 @@ class ProbeProvider:
             max_response_bytes=256 * 1024,
             transport=None,
             http_client=None,
-            tracer_provider=None,
+            telemetry=None,
         )
         # Every token, code and verifier seen: never printed, redacted from every text.
         self._secrets: set[str] = {client_secret} if client_secret else set()
