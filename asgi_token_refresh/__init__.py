@@ -4,7 +4,7 @@ One token-endpoint call per grant, however many requests, tabs, threads or event
 access token expired at once; stragglers served from a grace cache; dead sessions cached as dead.
 """
 
-from ._accessor import TokenAccessor
+from ._accessor import SyncTokenAccessor, TokenAccessor
 from ._clock import Clock, SystemClock
 from ._cookie_store import CookieSessionStore
 from ._coordination import Coordinator, Lease, LocalCoordinator
@@ -24,9 +24,8 @@ from ._memory_store import MemorySessionStore
 from ._middleware import TokenRefreshMiddleware
 from ._oauth import OAuth2Client
 from ._oauth_messages import AuthorizationRequest, ProviderMetadata
-from ._refresher import Refresher
+from ._refresher import Refresher, SyncRefresher
 from ._sessions import ServerSideStore, Session, SessionStore
-from ._sync import SyncRefresher, SyncTokenAccessor
 from ._telemetry import Telemetry
 from ._tokens import TokenSet
 

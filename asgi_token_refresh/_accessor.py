@@ -18,21 +18,22 @@ import httpx
 
 from ._cookies import request_cookies
 from ._errors import (
+    ConfigurationError,
     LoginFailed,
     ReauthenticationRequired,
     RefreshUnavailable,
     TokenEndpointError,
 )
-from ._httpx import shared_client
+from ._httpx import TokenAuth, shared_client
 from ._keys import TokenParams
 from ._oauth_messages import DEFAULT_RETRY_AFTER
 from ._refresher import Refresher
 from ._sessions import ServerSideStore, Session, SessionStore, SizeLimitedStore
-from ._sync import SyncTokenAccessor
+from ._single_flight import run_blocking
 from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
-__all__ = ["TokenAccessor"]
+__all__ = ["SyncTokenAccessor", "TokenAccessor"]
 
 logger = logging.getLogger(__name__)
 
@@ -315,3 +316,53 @@ class TokenAccessor:
     def sync(self) -> SyncTokenAccessor:
         """The same accessor for sync endpoints running in a worker thread."""
         return SyncTokenAccessor(self)
+
+
+class SyncTokenAccessor:
+    """Blocking twin of :class:`TokenAccessor` for code in a worker thread (never in a loop)."""
+
+    __slots__ = ("_accessor",)
+
+    def __init__(self, accessor: TokenAccessor) -> None:
+        self._accessor = accessor
+
+    @property
+    def refresher(self) -> Refresher:
+        return self._accessor.refresher
+
+    @property
+    def telemetry(self) -> Telemetry:
+        return self._accessor.telemetry
+
+    def get(self) -> str:
+        token = self._accessor.cached_fresh_token()
+        return token if token is not None else run_blocking(self._accessor.get())
+
+    def headers(self) -> dict[str, str]:
+        return run_blocking(self._accessor.headers())
+
+    def token_set(self) -> TokenSet | None:
+        return run_blocking(self._accessor.token_set())
+
+    def is_authenticated(self) -> bool:
+        return run_blocking(self._accessor.is_authenticated())
+
+    def renew(self, failed_access_token: str | None = None) -> str:
+        return run_blocking(self._accessor.renew(failed_access_token))
+
+    def claims(self) -> dict[str, Any] | None:
+        return run_blocking(self._accessor.claims())
+
+    def login(self, tokens: TokenSet | Mapping[str, Any] | bytes) -> TokenSet:
+        return run_blocking(self._accessor.login(tokens))
+
+    def logout(self, *, revoke: bool = True) -> None:
+        run_blocking(self._accessor.logout(revoke=revoke))
+
+    def client(self, **options: Any) -> httpx.Client:
+        """A new ``httpx.Client`` for this request: bearer injected, one 401 → one
+        compare-and-refresh → one retry. ``options`` go to ``httpx.Client``."""
+        if "auth" in options:
+            raise ConfigurationError("the client authenticates with the session's tokens")
+        auth = TokenAuth(self, telemetry=self.telemetry, on_failure=self._accessor.record_failure)
+        return httpx.Client(auth=auth, **options)

@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 from opentelemetry import trace
 
@@ -31,14 +31,11 @@ from ._flight_recorder import FlightRecorder, mark_failed
 from ._keys import NO_PARAMS, KeyMaker, TokenParams
 from ._oauth import OAuth2Client
 from ._oauth_messages import DEFAULT_RETRY_AFTER
-from ._single_flight import Flight, SingleFlight, detach
+from ._single_flight import Flight, SingleFlight, detach, run_blocking
 from ._telemetry import Telemetry
 from ._tokens import TokenSet
 
-if TYPE_CHECKING:
-    from ._sync import SyncRefresher
-
-__all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "TokenParams"]
+__all__ = ["CurrentTokenSet", "OnRefreshed", "Refresher", "SyncRefresher", "TokenParams"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,13 +100,22 @@ class Refresher:
             timer=monotonic,
         )
         self._exchange = Exchange(
-            client, coordinator, timeout=timeout, grace_ttl=grace_ttl, clock=self.clock,
+            client,
+            coordinator,
+            timeout=timeout,
+            grace_ttl=grace_ttl,
+            clock=self.clock,
             recorder=self._recorder,
-        )  # fmt: skip
+        )
         self._pilot = Pilot(
-            self._flights, self._caches, self._exchange, self._recorder,
-            max_concurrency=max_concurrency, timeout=timeout, monotonic=monotonic,
-        )  # fmt: skip
+            self._flights,
+            self._caches,
+            self._exchange,
+            self._recorder,
+            max_concurrency=max_concurrency,
+            timeout=timeout,
+            monotonic=monotonic,
+        )
         #: Fresh-path hits: a plain int (no SDK call per request), read by an observable counter.
         self.fresh_hits = 0
         self.telemetry.observe_fresh(self)
@@ -166,8 +172,6 @@ class Refresher:
     @property
     def sync(self) -> SyncRefresher:
         """This refresher for sync code in a worker thread (never inside an event loop)."""
-        from ._sync import SyncRefresher  # (_sync builds on the httpx layer, which needs us)
-
         return SyncRefresher(self)
 
     # -- the fresh path: no lock, no I/O, no telemetry ------------------------------------------
@@ -366,3 +370,23 @@ class Refresher:
             request.span = self._recorder.start_flight(request.grant, span)
             detach(self._pilot.fly(flight))
         return span
+
+
+class SyncRefresher:
+    """:class:`Refresher` for sync code in a worker thread: the same methods, blocking."""
+
+    __slots__ = ("refresher",)
+
+    def __init__(self, refresher: Refresher) -> None:
+        self.refresher = refresher
+
+    def ensure_fresh(self, token_set: TokenSet, **options: Any) -> TokenSet:
+        if self.refresher.serve_fresh(token_set):
+            return token_set
+        return run_blocking(self.refresher.ensure_fresh(token_set, **options))
+
+    def renew(self, token_set: TokenSet, **options: Any) -> TokenSet:
+        return run_blocking(self.refresher.renew(token_set, **options))
+
+    def client_credentials(self, params: TokenParams = NO_PARAMS, **options: Any) -> TokenSet:
+        return run_blocking(self.refresher.client_credentials(params, **options))
