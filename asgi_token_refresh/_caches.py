@@ -21,6 +21,7 @@ from ._errors import (
     TokenRefreshError,
 )
 from ._keys import KeyMaker, TokenParams
+from ._logs import fingerprint
 from ._tokens import TokenSet
 
 __all__ = [
@@ -250,14 +251,13 @@ class Caches:
         refusal = None if error is None else Refusal.of(error)
         if refusal is None:
             return
-        fingerprint = key.hex()[:12]
         if refusal.kind == "terminal":
             self.refusals.remember(key, refusal, self.grace_ttl, now)
-            logger.info("session %s needs reauthentication: %s", fingerprint, refusal.reason)
+            logger.info("session %s needs reauthentication: %s", fingerprint(key), refusal.reason)
         else:
             ttl = refusal.retry_after or self._default_retry_after
             self.refusals.remember(key, refusal, min(ttl, self.grace_ttl), now)
-            logger.warning("token refresh for %s failed: %s", fingerprint, error)
+            logger.warning("token refresh for %s failed: %s", fingerprint(key), error)
 
     def logged_out(self, token_set: TokenSet, params: TokenParams) -> None:
         """Refuse stragglers of a session that logged out, for the grace TTL."""
