@@ -51,9 +51,6 @@ class ExpiringMap(Generic[V]):
         self._max_entries = max_entries
         self._entries: dict[bytes, tuple[V, float]] = {}
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     def __bool__(self) -> bool:
         return bool(self._entries)
 
@@ -90,9 +87,6 @@ class GraceCache:
     def __init__(self, max_entries: int, ttl: float) -> None:
         self.ttl = ttl
         self._successors: ExpiringMap[TokenSet] = ExpiringMap(max_entries)
-
-    def __len__(self) -> int:
-        return len(self._successors)
 
     def __bool__(self) -> bool:
         return bool(self._successors)
@@ -160,9 +154,6 @@ class RefusalCache:
 
     def __init__(self, max_entries: int) -> None:
         self._refusals: ExpiringMap[Refusal] = ExpiringMap(max_entries)
-
-    def __len__(self) -> int:
-        return len(self._refusals)
 
     def __bool__(self) -> bool:
         return bool(self._refusals)
