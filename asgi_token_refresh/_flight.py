@@ -203,7 +203,7 @@ class Pilot:
             called_provider=request.trip.called_provider,
             error=error,
             seconds=self._monotonic() - started,
-            waiters=flight.joined + 1,
+            waiters=len(waiters),
             rotated=result is not None
             and spent is not None
             and result.refresh_token != spent.refresh_token,

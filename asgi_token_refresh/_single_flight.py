@@ -35,13 +35,12 @@ class Flight(Generic[T, P]):
     """One exchange with the provider and everyone waiting for it. ``payload`` is what the
     leader needs to fly (the refresher's request); the flight itself does not look at it."""
 
-    __slots__ = ("joined", "key", "payload", "waiters")
+    __slots__ = ("key", "payload", "waiters")
 
     def __init__(self, key: bytes, payload: P) -> None:
         self.key = key
         self.payload = payload
-        self.waiters: list[asyncio.Future[T]] = []
-        self.joined = 0  # callers that joined after the leader
+        self.waiters: list[asyncio.Future[T]] = []  # the leader's first
 
 
 class SingleFlight(Generic[T, P]):
@@ -65,7 +64,6 @@ class SingleFlight(Generic[T, P]):
         """Seat ``waiter`` on the flight for ``key``, if one is in the air. Needs ``lock``."""
         flight = self._flights.get(key)
         if flight is not None:
-            flight.joined += 1
             flight.waiters.append(waiter)
         return flight
 
