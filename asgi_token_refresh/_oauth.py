@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import secrets
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
@@ -27,9 +26,9 @@ from ._oauth_messages import (
     ClientAuthMethod,
     ProviderMetadata,
     TokenRequest,
-    build_authorization_url,
     build_token_request,
     classify_token_error,
+    new_authorization_request,
     raise_for_token_response,
 )
 from ._provider_http import ProviderHTTP
@@ -232,32 +231,20 @@ class OAuth2Client:
         prompt: str | None = None,
         **extra: str,
     ) -> AuthorizationRequest:
-        """Start a login: authorization code with PKCE S256, fresh ``state`` and ``nonce``.
-
-        OIDC Core §11: ``offline_access`` is ignored by conforming providers unless the user
-        is asked for consent, so ``prompt="consent"`` is added when it is requested.
-        """
+        """Start a login: authorization code with PKCE S256, fresh ``state`` and ``nonce``
+        (``prompt="consent"`` with ``offline_access``: :func:`new_authorization_request`)."""
         metadata = await self.metadata()
         if metadata.authorization_endpoint is None:
             raise ConfigurationError("the provider has no authorization_endpoint")
-        if prompt is None and "offline_access" in scope.split():
-            prompt = "consent"
-        verifier = secrets.token_urlsafe(48)
-        state = state or secrets.token_urlsafe(24)
-        nonce = nonce or (secrets.token_urlsafe(24) if "openid" in scope.split() else None)
-        url = build_authorization_url(
+        return new_authorization_request(
             metadata.authorization_endpoint,
             client_id=self.client_id,
             redirect_uri=redirect_uri,
             scope=scope,
             state=state,
-            code_verifier=verifier,
             nonce=nonce,
             prompt=prompt,
             extra=extra,
-        )
-        return AuthorizationRequest(
-            url=url, state=state, nonce=nonce, code_verifier=verifier, redirect_uri=redirect_uri
         )
 
     async def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> TokenSet:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NoReturn
@@ -31,6 +32,7 @@ __all__ = [
     "build_authorization_url",
     "build_token_request",
     "classify_token_error",
+    "new_authorization_request",
     "pkce_challenge",
     "raise_for_token_response",
     "redact",
@@ -168,6 +170,45 @@ def build_authorization_url(
     params.update(extra or {})
     separator = "&" if urlsplit(authorization_endpoint).query else "?"
     return authorization_endpoint + separator + urlencode(params)
+
+
+def new_authorization_request(
+    authorization_endpoint: str,
+    *,
+    client_id: str,
+    redirect_uri: str,
+    scope: str,
+    state: str | None = None,
+    nonce: str | None = None,
+    prompt: str | None = None,
+    extra: Mapping[str, str] | None = None,
+) -> AuthorizationRequest:
+    """A new login: a fresh PKCE verifier, ``state`` (unless given) and, for ``openid``,
+    ``nonce`` (unless given), and the URL that carries them.
+
+    OIDC Core §11: ``offline_access`` is ignored by conforming providers unless the user is
+    asked for consent, so ``prompt="consent"`` is added when it is requested.
+    """
+    scopes = scope.split()
+    if prompt is None and "offline_access" in scopes:
+        prompt = "consent"
+    verifier = secrets.token_urlsafe(48)  # RFC 7636 §4.1: 43 to 128 characters (64 here)
+    state = state or secrets.token_urlsafe(24)
+    nonce = nonce or (secrets.token_urlsafe(24) if "openid" in scopes else None)
+    url = build_authorization_url(
+        authorization_endpoint,
+        client_id=client_id,
+        redirect_uri=redirect_uri,
+        scope=scope,
+        state=state,
+        code_verifier=verifier,
+        nonce=nonce,
+        prompt=prompt,
+        extra=extra,
+    )
+    return AuthorizationRequest(
+        url=url, state=state, nonce=nonce, code_verifier=verifier, redirect_uri=redirect_uri
+    )
 
 
 def build_token_request(

@@ -16,6 +16,7 @@ from asgi_token_refresh import (
 from asgi_token_refresh._oauth_messages import (
     build_authorization_url,
     build_token_request,
+    new_authorization_request,
     pkce_challenge,
     raise_for_token_response,
     retry_after_seconds,
@@ -105,6 +106,30 @@ def test_authorization_url_carries_pkce_state_nonce_and_prompt() -> None:
     assert query["code_challenge"] == [pkce_challenge("v" * 43)]
     assert query["code_challenge_method"] == ["S256"]
     assert (query["state"], query["nonce"], query["prompt"]) == (["st"], ["n"], ["consent"])
+
+
+def test_a_new_login_has_its_own_verifier_state_and_nonce_and_asks_consent_for_offline() -> None:
+    first, second = (
+        new_authorization_request(
+            "https://idp/authorize",
+            client_id="app",
+            redirect_uri="https://app/callback",
+            scope="openid offline_access",
+        )
+        for _ in range(2)
+    )
+    query = parse_qs(urlsplit(first.url).query)
+    assert 43 <= len(first.code_verifier) <= 128  # RFC 7636 §4.1
+    assert query["code_challenge"] == [pkce_challenge(first.code_verifier)]
+    assert (query["state"], query["nonce"]) == ([first.state], [first.nonce])
+    assert query["prompt"] == ["consent"]  # OIDC Core §11
+    assert first.code_verifier != second.code_verifier
+    assert (first.state, first.nonce) != (second.state, second.nonce)
+    plain = new_authorization_request(
+        "https://idp/authorize", client_id="app", redirect_uri="https://app/cb", scope="api"
+    )
+    assert plain.nonce is None
+    assert "prompt" not in parse_qs(urlsplit(plain.url).query)
 
 
 def test_retry_after_accepts_seconds_and_http_dates() -> None:

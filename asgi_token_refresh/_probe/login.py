@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import secrets
 from collections.abc import Callable
 from urllib.parse import parse_qsl, urlsplit
 
-from .._oauth_messages import build_authorization_url
+from .._oauth_messages import AuthorizationRequest, new_authorization_request
 from .provider import ProbeError, ProbeProvider, TokenAnswer
 
 __all__ = ["SCOPE", "browser_login"]
@@ -44,13 +43,12 @@ async def browser_login(
             exit_code=2,
         )
     callback: asyncio.Future[dict[str, str]] = asyncio.get_running_loop().create_future()
-    state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-    verifier = secrets.token_urlsafe(48)  # RFC 7636 §4.1: 43 to 128 characters (64 here)
-    provider.remember_secret(verifier)
+    login: AuthorizationRequest | None = None  # made once the port is known
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            await _answer(reader, writer, state, provider.issuer, callback)
+            assert login is not None  # made before the first await after listening
+            await _answer(reader, writer, login.state, provider.issuer, callback)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
             pass  # a broken browser connection: the login may still come on another one
         finally:
@@ -66,19 +64,13 @@ async def browser_login(
         ) from None
     bound = server.sockets[0].getsockname()[1]
     redirect_uri = f"http://127.0.0.1:{bound}{CALLBACK_PATH}"
-    url = build_authorization_url(
-        endpoint,
-        client_id=provider.client_id,
-        redirect_uri=redirect_uri,
-        scope=SCOPE,
-        state=state,
-        code_verifier=verifier,
-        nonce=nonce,
-        prompt="consent",
+    login = new_authorization_request(
+        endpoint, client_id=provider.client_id, redirect_uri=redirect_uri, scope=SCOPE
     )
+    provider.remember_secret(login.code_verifier)
     say(
         "Log in with a throwaway account: open this URL in a browser (the redirect URI "
-        f"{redirect_uri} must be registered for the client):\n\n    {url}\n\n"
+        f"{redirect_uri} must be registered for the client):\n\n    {login.url}\n\n"
         f"Waiting up to {patience:g} s for the redirect..."
     )
     async with server:
@@ -98,7 +90,7 @@ async def browser_login(
             "grant_type": "authorization_code",
             "code": params["code"],
             "redirect_uri": redirect_uri,
-            "code_verifier": verifier,
+            "code_verifier": login.code_verifier,
         }
     )
     if not answer.ok:
