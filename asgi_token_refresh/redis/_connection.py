@@ -57,12 +57,11 @@ if published then return {1, published} end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {2} end
 return {0}
 """
-# KEYS: session. ARGV: generation, sealed token set, ttl ms, create (1/0). Never moves back a
-# generation; with create=0, never brings back a session that is gone (logged out, expired).
 # KEYS: session. ARGV: generation, issued_at, fingerprint, sealed, ttl ms, create (1|0).
 # The supersedes rule of asgi_token_refresh.kit: the same token set again, a later generation,
-# or, for generation 0 (unknown lineage), a later issued_at. A hash written before generations
-# were stored has only 'generation' = its issued_at: read as generation 0.
+# or, for generation 0 (unknown lineage), a later issued_at. With create=0, never brings back a
+# session that is gone (logged out, expired). A hash written before generations were stored
+# has only 'generation' = its issued_at: read as generation 0.
 STORE_SESSION = """
 local kind = redis.call('TYPE', KEYS[1]).ok
 if kind ~= 'hash' and kind ~= 'none' then redis.call('DEL', KEYS[1]) kind = 'none' end
