@@ -22,6 +22,7 @@ from ._telemetry import (
     DETECTED_BY,
     ERROR_TYPE,
     GRANT,
+    GRANTS,
     OUTCOME,
     PROVIDER,
     REVOCATION,
@@ -52,7 +53,10 @@ def flight_outcome(error: BaseException | None) -> str:
 
 
 def mark_failed(span: trace.Span, error: BaseException) -> None:
-    outcome = flight_outcome(error)
+    _mark_failed(span, flight_outcome(error))
+
+
+def _mark_failed(span: trace.Span, outcome: str) -> None:
     span.set_attribute(ERROR_TYPE, outcome)
     span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
 
@@ -68,8 +72,8 @@ class FlightRecorder:
         telemetry: Telemetry,
         provider: str,
         monotonic: Callable[[], float],
-        max_entries: int = 50_000,
-        server: Callable[[], Mapping[str, str | int]] | None = None,
+        max_entries: int,
+        server: Callable[[], Mapping[str, str | int]],
     ) -> None:
         self.telemetry = telemetry
         self.attributes = {PROVIDER: provider}
@@ -77,14 +81,11 @@ class FlightRecorder:
         self._flight_spans: dict[str, Mapping[str, str | int]] = {}  # with server.address
         self._monotonic = monotonic
         self._dedupe = {path: {DEDUPE: path, PROVIDER: provider} for path in DEDUPE_PATHS}
-        self._flight = {
-            grant: {GRANT: grant, PROVIDER: provider}
-            for grant in ("refresh_token", "client_credentials")
-        }
-        # When each grant was last refreshed, by the key of the refresh token it got then.
-        # Feeds the refresh.interval histogram (storms show as short intervals).
+        self._flight = {grant: {GRANT: grant, PROVIDER: provider} for grant in GRANTS}
         self._quiet_until = 0.0  # no "issued already due" warning before this (monotonic)
         self._said_unrevokable = False
+        # When each grant was last refreshed, by the key of the refresh token it got then.
+        # Feeds the refresh.interval histogram (storms show as short intervals).
         self._refreshed_at: TTLCache[bytes, float] = TTLCache(
             max_entries, 24 * 3600, timer=monotonic
         )
@@ -169,7 +170,7 @@ class FlightRecorder:
         one is not before the first flight: that one gets ``server.address`` as it lands)."""
         attributes = self._flight_spans.get(grant)
         if attributes is None:
-            server = self._server() if self._server is not None else {}
+            server = self._server()
             if not server:
                 return self._flight[grant]
             attributes = self._flight_spans[grant] = {**self._flight[grant], **server}
@@ -194,8 +195,8 @@ class FlightRecorder:
         waiters: int,
         rotated: bool,
         rotation: tuple[bytes, bytes | None] | None,
-        key: bytes | None = None,
-        distributed: bool = False,
+        key: bytes,
+        distributed: bool,
     ) -> None:
         """Record a flight that landed, and say so in one DEBUG line. ``rotation``: the keys
         of the refresh token it spent and of the one it got, when the provider issued a
@@ -205,13 +206,11 @@ class FlightRecorder:
         telemetry, attributes = self.telemetry, self.attributes
         outcome = flight_outcome(error)
         if logger.isEnabledFor(logging.DEBUG):
-            if key is None and rotation is not None:
-                key = rotation[0]
             logger.debug(
                 "refresh flight landed: outcome=%s grant=%s grant_type=%s waiters=%d "
                 "duration=%.3fs provider=%s called_provider=%s rotated=%s",
                 outcome,
-                "-" if key is None else fingerprint(key),
+                fingerprint(key),
                 grant,
                 waiters,
                 seconds,
@@ -237,9 +236,7 @@ class FlightRecorder:
         if span is None:
             return
         span.set_attributes({OUTCOME: outcome, ROTATED: rotated, WAITERS: waiters})
-        if self._server is not None:
-            span.set_attributes(self._server())  # already there, or discovered in flight
+        span.set_attributes(self._server())  # already there, or discovered in flight
         if error is not None:
-            span.set_attribute(ERROR_TYPE, outcome)
-            span.set_status(trace.Status(trace.StatusCode.ERROR, outcome))
+            _mark_failed(span, outcome)
         span.end()
