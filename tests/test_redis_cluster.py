@@ -33,6 +33,7 @@ from .test_coordination import (
 pytestmark = pytest.mark.anyio
 
 SECRET = "redis-cluster-tests-secret-" + "c" * 32
+NEW_SECRET = "redis-cluster-tests-rotated-" + "d" * 32
 NOW = 1_700_000_000.0
 ENOUGH = 100  # tries to put a key on every node (failing after them has odds of 3 * (2/3)**100)
 
@@ -127,6 +128,34 @@ async def test_sessions_spread_over_the_nodes_and_round_trip(
         assert cookies[0].startswith("atr_sid=; Max-Age=0;")
         assert await store.load(jar) is None
     assert key_counts(cluster) == [0, 0, 0]
+
+
+async def test_after_a_key_rotation_sessions_are_found_and_moved_to_the_new_name(
+    store: RedisSessionStore, cluster: RedisCluster
+) -> None:
+    """A new key prepended: each session is found under its old key's name, moved to the new
+    one (its TTL kept), and ended under both by a logout."""
+    sessions: list[Session] = []
+    while 0 in key_counts(cluster):
+        assert len(sessions) < ENOUGH, key_counts(cluster)
+        session, _ = await store.save({}, None, token_set(), new_session=True)
+        assert session is not None
+        sessions.append(session)
+    rotated = RedisSessionStore(cluster.url, secret_keys=[NEW_SECRET, SECRET], cluster=True)
+    try:
+        for session in sessions:
+            jar = {"atr_sid": session.id or ""}
+            assert await rotated.load(jar) == session
+            assert await rotated.load(jar) == session  # now under the new name only
+        assert sum(key_counts(cluster)) == len(sessions)
+        for session in sessions:
+            jar = {"atr_sid": session.id or ""}
+            await rotated.save(jar, session, None)
+            assert await rotated.load(jar) is None
+            assert await store.load(jar) is None
+        assert key_counts(cluster) == [0, 0, 0]
+    finally:
+        await rotated.aclose()
 
 
 async def test_a_storm_of_loads_waits_for_connections_instead_of_failing(

@@ -185,6 +185,9 @@ class ClusterClient:
     async def hget(self, key: str, field: str) -> Any:
         return await self._run(self.redis.hget, key, field)
 
+    async def pttl(self, key: str) -> Any:
+        return await self._run(self.redis.pttl, key)
+
     async def delete(self, *keys: str) -> Any:
         return await self._run(self.redis.delete, *keys)
 
