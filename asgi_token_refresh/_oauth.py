@@ -30,16 +30,13 @@ from ._oauth_messages import (
     classify_token_error,
     new_authorization_request,
     raise_for_token_response,
+    request_secrets,
 )
 from ._provider_http import ProviderHTTP
 from ._telemetry import Telemetry, default_telemetry, server_attributes
 from ._tokens import TokenSet
 
 __all__ = ["OAuth2Client"]
-
-
-# Form fields that are secrets, redacted from whatever the provider echoes back.
-_SECRET_FIELDS = frozenset({"refresh_token", "code", "code_verifier", "client_secret", "token"})
 
 
 class OAuth2Client:
@@ -287,12 +284,7 @@ class OAuth2Client:
         status, headers, body = await self._http.send(
             "POST", request.url, data=request.form, headers=request.headers
         )
-        secrets = [v for k, v in request.form.items() if k in _SECRET_FIELDS]
-        if self._client_secret:
-            secrets.append(self._client_secret)
-        authorization = request.headers.get("Authorization", "")
-        if authorization.startswith("Basic "):
-            secrets.append(authorization.removeprefix("Basic "))  # the secret, base64-encoded
+        secrets = request_secrets(request, self._client_secret)
         raise_for_token_response(status, headers, body, now=self.clock.time(), secrets=secrets)
         return status, body
 

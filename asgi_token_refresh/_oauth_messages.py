@@ -12,9 +12,9 @@ import hashlib
 import json
 import math
 import re
-import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from secrets import token_urlsafe
 from typing import Literal, NoReturn
 from urllib.parse import quote_plus, urlencode, urlsplit
 
@@ -36,7 +36,9 @@ __all__ = [
     "pkce_challenge",
     "raise_for_token_response",
     "redact",
+    "request_secrets",
     "retry_after_seconds",
+    "token_error",
 ]
 
 ClientAuthMethod = Literal["client_secret_basic", "client_secret_post", "none"]
@@ -55,6 +57,8 @@ _ERROR_CODE = re.compile(r"[\x20\x21\x23-\x5b\x5d-\x7e]{1,64}")  # RFC 6749 §5.
 _MAX_DESCRIPTION = 200
 # Used when a transient failure carries no Retry-After header.
 DEFAULT_RETRY_AFTER = 5.0
+# Form fields that are secrets, redacted from whatever the provider echoes back.
+_SECRET_FIELDS = frozenset({"refresh_token", "code", "code_verifier", "client_secret", "token"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,9 +196,9 @@ def new_authorization_request(
     scopes = scope.split()
     if prompt is None and "offline_access" in scopes:
         prompt = "consent"
-    verifier = secrets.token_urlsafe(48)  # RFC 7636 §4.1: 43 to 128 characters (64 here)
-    state = state or secrets.token_urlsafe(24)
-    nonce = nonce or (secrets.token_urlsafe(24) if "openid" in scopes else None)
+    verifier = token_urlsafe(48)  # RFC 7636 §4.1: 43 to 128 characters (64 here)
+    state = state or token_urlsafe(24)
+    nonce = nonce or (token_urlsafe(24) if "openid" in scopes else None)
     url = build_authorization_url(
         authorization_endpoint,
         client_id=client_id,
@@ -237,6 +241,18 @@ def build_token_request(
     return TokenRequest(url=url, form=form, headers=headers)
 
 
+def request_secrets(request: TokenRequest, client_secret: str | None) -> list[str]:
+    """What an answer to ``request`` must not echo: its secret form fields, the client secret,
+    and the Basic credentials (the secret, base64-encoded)."""
+    found = [v for k, v in request.form.items() if k in _SECRET_FIELDS]
+    if client_secret:
+        found.append(client_secret)
+    authorization = request.headers.get("Authorization", "")
+    if authorization.startswith("Basic "):
+        found.append(authorization.removeprefix("Basic "))
+    return found
+
+
 def retry_after_seconds(value: str | None, *, now: float) -> float | None:
     """Parse ``Retry-After`` (delta-seconds or HTTP-date, RFC 9110 §10.2.3) into seconds in
     ``[0, MAX_RETRY_AFTER]``; ``None`` for anything else. Total: no input raises."""
@@ -274,8 +290,6 @@ def raise_for_token_response(
 ) -> None:
     """Raise the right error for a non-2xx token or revocation endpoint response.
 
-    The decision is made on the OAuth ``error`` field, not on the status: Auth0 answers
-    ``invalid_grant`` with 403, oidc-provider with 400, and ``invalid_client`` may come as 401.
     Only the terminal codes raise :class:`TokenEndpointError`; every other answer (5xx, 429,
     3xx, 404, a non-JSON body, ``invalid_request``, ``invalid_scope``...) raises
     :class:`RefreshUnavailable` via :func:`classify_token_error`. ``secrets`` are redacted
@@ -283,6 +297,24 @@ def raise_for_token_response(
     """
     if 200 <= status < 300:
         return
+    classify_token_error(token_error(status, headers, body, now=now, secrets=secrets))
+
+
+def token_error(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float,
+    secrets: Iterable[str] = (),
+) -> TokenEndpointError:
+    """What a non-2xx token or revocation endpoint response says, unclassified: its OAuth
+    ``error`` (``invalid_response`` when the body carries none), description and URI
+    (``secrets`` redacted) and ``Retry-After``.
+
+    The ``error`` field decides, not the status: Auth0 answers ``invalid_grant`` with 403,
+    oidc-provider with 400, and ``invalid_client`` may come as 401.
+    """
     error, description, uri = "invalid_response", None, None
     secrets = list(secrets)
     try:
@@ -296,16 +328,12 @@ def raise_for_token_response(
             error = code
             description = payload.get("error_description")
             uri = payload.get("error_uri")
-    classify_token_error(
-        TokenEndpointError(
-            error,
-            status=status,
-            error_description=redact(description, secrets)
-            if isinstance(description, str)
-            else None,
-            error_uri=redact(uri, secrets) if isinstance(uri, str) else None,
-            retry_after=retry_after_seconds(headers.get("retry-after"), now=now),
-        )
+    return TokenEndpointError(
+        error,
+        status=status,
+        error_description=redact(description, secrets) if isinstance(description, str) else None,
+        error_uri=redact(uri, secrets) if isinstance(uri, str) else None,
+        retry_after=retry_after_seconds(headers.get("retry-after"), now=now),
     )
 
 

@@ -19,7 +19,9 @@ from asgi_token_refresh._oauth_messages import (
     new_authorization_request,
     pkce_challenge,
     raise_for_token_response,
+    request_secrets,
     retry_after_seconds,
+    token_error,
 )
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, serve
 
@@ -193,6 +195,28 @@ def test_a_non_oauth_error_body_is_an_invalid_response_and_transient() -> None:
     assert isinstance(cause, TokenEndpointError)
     assert (cause.error, cause.status) == ("invalid_response", 404)
     assert "HTTP 404 invalid_response" in str(caught.value)
+
+
+def test_a_refusal_read_unclassified_says_what_the_provider_said_without_its_echoes() -> None:
+    request = build_token_request(
+        "https://idp/token",
+        {"grant_type": "refresh_token", "refresh_token": "rt-secret"},
+        client_id="app",
+        client_secret="client-secret",
+        auth_method="client_secret_basic",
+    )
+    basic = request.headers["Authorization"].removeprefix("Basic ")
+    assert set(request_secrets(request, "client-secret")) == {"rt-secret", "client-secret", basic}
+    body = (
+        b'{"error": "invalid_grant", "error_description": "rt-secret for client-secret (%s)"}'
+        % basic.encode()
+    )
+    error = token_error(
+        403, {"retry-after": "3"}, body, now=NOW, secrets=request_secrets(request, "client-secret")
+    )
+    assert (error.error, error.status, error.retry_after) == ("invalid_grant", 403, 3.0)
+    assert error.error_description == "[redacted] for [redacted] ([redacted])"
+    assert token_error(502, {}, b"<html>", now=NOW).error == "invalid_response"
 
 
 def test_discovery_document_must_name_the_expected_issuer() -> None:

@@ -23,8 +23,9 @@ from .._oauth_messages import (
     ClientAuthMethod,
     ProviderMetadata,
     build_token_request,
-    raise_for_token_response,
     redact,
+    request_secrets,
+    token_error,
 )
 from .._provider_http import ProviderHTTP
 from .._tokens import TokenSet
@@ -58,11 +59,10 @@ class ProbeError(Exception):
 @dataclass(frozen=True, repr=False)
 class TokenAnswer:
     """One token-endpoint answer: the tokens of a success, or the status and ``error`` of a
-    refusal. ``repr`` shows no token."""
+    refusal (``invalid_response`` when the body carries none). ``repr`` shows no token."""
 
     status: int
     error: str | None = None
-    description: str | None = None  # redacted
     access_token: str | None = None
     refresh_token: str | None = None
     id_token: bool = False
@@ -199,30 +199,11 @@ class ProbeProvider:
             "POST", endpoint, what="token endpoint", data=request.form, headers=request.headers
         )
         if not 200 <= status < 300:
-            error, description = self._refusal(status, headers, body, request.headers)
-            return TokenAnswer(status, error, description)
+            # Read as the library reads it, everything the provider may echo redacted.
+            secrets_ = [*self._secrets, *request_secrets(request, self._client_secret)]
+            refusal = token_error(status, headers, body, now=self.clock.time(), secrets=secrets_)
+            return TokenAnswer(status, refusal.error)
         return self._tokens(status, body)
-
-    def _refusal(
-        self,
-        status: int,
-        headers: Mapping[str, str],
-        body: bytes,
-        request_headers: Mapping[str, str],
-    ) -> tuple[str, str | None]:
-        """The ``error`` and redacted description of a refusal (``invalid_response`` when the
-        body carries none), classified and redacted as the library does it."""
-        basic = request_headers.get("Authorization", "").removeprefix("Basic ")
-        secrets_ = [*self._secrets, basic] if basic else list(self._secrets)
-        try:
-            raise_for_token_response(status, headers, body, now=self.clock.time(), secrets=secrets_)
-        except TokenEndpointError as exc:
-            return exc.error, exc.error_description
-        except RefreshUnavailable as exc:
-            cause = exc.__cause__
-            if isinstance(cause, TokenEndpointError):
-                return cause.error, cause.error_description
-        return "invalid_response", None  # pragma: no cover - every non-2xx raises
 
     def _tokens(self, status: int, body: bytes) -> TokenAnswer:
         try:
