@@ -287,7 +287,7 @@ class BackendSessionStore:
             written = await self.backend.put(session_id, held, self._ttl(held), create=False)
         except RefreshUnavailable:
             return held  # still down: serve what we hold
-        self._unwritten.pop(session_id, None)
+        self._forget(session_id, held)
         return held if written else await self.backend.get(session_id)
 
     async def _flush_unwritten(self) -> None:
@@ -300,8 +300,13 @@ class BackendSessionStore:
                 await self.backend.put(session_id, held, self._ttl(held), create=False)
             except RefreshUnavailable:
                 return  # down again
-            if self._unwritten.get(session_id) is held:
-                del self._unwritten[session_id]
+            self._forget(session_id, held)
+
+    def _forget(self, session_id: str, written: TokenSet) -> None:
+        """Drop a held write once the backend has answered it, unless a later refresh of the
+        session was held while the write was on its way (that one waits its turn)."""
+        if self._unwritten.get(session_id) is written:
+            del self._unwritten[session_id]
 
     def _ttl(self, token_set: TokenSet) -> float:
         return session_max_age(token_set, self.max_age)

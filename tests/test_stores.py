@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import re
@@ -450,6 +451,44 @@ async def test_a_held_write_never_overwrites_a_later_generation() -> None:
     third = refreshed(second, "AT3")  # another worker refreshed on from what it stored
     assert await backend.inner.put(session.id or "", third, 300, create=False)
     assert await store.load(jar) == Session(third, session.id)
+
+
+async def test_a_refresh_held_while_an_older_held_write_goes_in_is_kept_and_written() -> None:
+    backend = FlakyBackend()
+    store = BackendSessionStore(backend, secure=False)
+    first = token_set()
+    jar = await login(store, first)
+    session = await store.load(jar)
+    assert session is not None
+    backend.down = True
+    second = refreshed(first, "AT2")
+    await store.save(jar, session, second)  # held
+    backend.down = False
+
+    # The session's next request writes the held token set; while that write is on its way,
+    # a refresh of it fails to be written (the store flaps) and is held in turn.
+    writing, finish = asyncio.Event(), asyncio.Event()
+    put = backend.put
+
+    async def slow_put(session_id: str, token_set: TokenSet, ttl: float, *, create: bool) -> bool:
+        writing.set()
+        await finish.wait()
+        return await put(session_id, token_set, ttl, create=create)
+
+    backend.put = slow_put  # type: ignore[method-assign]
+    loading = asyncio.ensure_future(store.load(jar))
+    await writing.wait()
+    backend.put = put  # type: ignore[method-assign]
+    backend.down = True
+    third = refreshed(second, "AT3")
+    with pytest.raises(RefreshUnavailable):
+        await store.persist(Session(second, session.id), third)
+    backend.down = False
+    finish.set()
+    assert await loading == Session(second, session.id)
+
+    assert await store.load(jar) == Session(third, session.id)  # not lost: written now
+    assert await backend.inner.get(session.id or "") == third
 
 
 async def test_a_login_the_store_cannot_take_is_a_503_not_a_held_write() -> None:
