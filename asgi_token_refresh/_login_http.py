@@ -87,8 +87,10 @@ def same_origin(scope: Scope) -> bool:
     origin = headers.get(b"origin")
     if origin is None:
         return True
-    # The host, not the scheme: behind a TLS proxy the app may see http for an https page.
-    return urlsplit(origin.decode("latin-1")).netloc == headers.get(b"host", b"").decode("latin-1")
+    # The host, not the scheme: behind a TLS proxy the app may see http for an https page. No
+    # Host to compare with: refused, or ``Origin: null`` (no netloc either) would pass.
+    host = headers.get(b"host", b"").decode("latin-1")
+    return bool(host) and urlsplit(origin.decode("latin-1")).netloc == host
 
 
 async def redirect(send: Send, location: str, cookies: list[str]) -> None:

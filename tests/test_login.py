@@ -27,6 +27,7 @@ from asgi_token_refresh import (
     SessionStore,
     TokenRefreshMiddleware,
 )
+from asgi_token_refresh._login_http import same_origin
 from asgi_token_refresh.fastapi import RESPONSES, Token
 from asgi_token_refresh.testing import FakeClock, FakeIdP, Fault, capture_telemetry
 
@@ -284,6 +285,7 @@ async def test_logout_is_post_only(site: Site) -> None:
         {"sec-fetch-site": "cross-site"},
         {"sec-fetch-site": "same-site"},
         {"origin": "https://evil.test"},
+        {"origin": "null"},
     ],
 )
 async def test_a_cross_site_logout_is_refused(site: Site, headers: dict[str, str]) -> None:
@@ -292,6 +294,14 @@ async def test_a_cross_site_logout_is_refused(site: Site, headers: dict[str, str
         answer = await browser.post("/auth/logout", headers=headers)
         assert answer.status_code == 403
         assert await who(browser) is not None
+
+
+def test_an_origin_is_never_same_origin_with_a_request_that_names_no_host() -> None:
+    for origin in (b"null", b"https://evil.test"):
+        assert not same_origin({"type": "http", "headers": [(b"origin", origin)]})
+    app = [(b"origin", b"https://app.test"), (b"host", b"app.test")]
+    assert same_origin({"type": "http", "headers": app})
+    assert same_origin({"type": "http", "headers": []})  # not a browser's cross-site request
 
 
 async def test_logout_revokes_and_ends_the_provider_session_too(site: Site, idp: FakeIdP) -> None:
