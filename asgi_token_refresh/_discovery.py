@@ -19,9 +19,29 @@ from ._oauth_messages import DEFAULT_RETRY_AFTER, ProviderMetadata
 from ._per_loop import PerLoop
 from ._provider_http import ProviderHTTP
 
-__all__ = ["Discovery"]
+__all__ = [
+    "OAUTH_METADATA_PATH",
+    "OIDC_CONFIGURATION_PATH",
+    "Discovery",
+    "oauth_metadata_url",
+    "oidc_configuration_url",
+]
 
 logger = logging.getLogger(__name__)
+
+OIDC_CONFIGURATION_PATH = "/.well-known/openid-configuration"
+OAUTH_METADATA_PATH = "/.well-known/oauth-authorization-server"
+
+
+def oidc_configuration_url(issuer: str) -> str:
+    """OpenID Connect Discovery §4: the well-known path goes after the issuer, path included."""
+    return issuer.rstrip("/") + OIDC_CONFIGURATION_PATH
+
+
+def oauth_metadata_url(issuer: str) -> str:
+    """RFC 8414 §3.1: the well-known path goes between the host and the issuer's path."""
+    parts = urlsplit(issuer)
+    return f"{parts.scheme}://{parts.netloc}{OAUTH_METADATA_PATH}{parts.path.rstrip('/')}"
 
 
 class Discovery:
@@ -61,7 +81,7 @@ class Discovery:
 
     async def _fetch(self) -> ProviderMetadata:
         assert self._issuer is not None
-        url = self._issuer.rstrip("/") + "/.well-known/openid-configuration"
+        url = oidc_configuration_url(self._issuer)
         status, _, body = await self._http.send("GET", url)
         if status == 429 or status >= 500:
             raise RefreshUnavailable(
@@ -76,9 +96,7 @@ class Discovery:
 
     async def _with_oauth_metadata(self, metadata: ProviderMetadata) -> ProviderMetadata:
         assert self._issuer is not None
-        parts = urlsplit(self._issuer)
-        path = parts.path.rstrip("/")
-        url = f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server{path}"
+        url = oauth_metadata_url(self._issuer)
         try:
             status, _, body = await self._http.send("GET", url)
             if status != 200:

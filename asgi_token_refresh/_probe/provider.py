@@ -18,6 +18,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .._clock import Clock
+from .._discovery import (
+    OAUTH_METADATA_PATH,
+    OIDC_CONFIGURATION_PATH,
+    oauth_metadata_url,
+    oidc_configuration_url,
+)
 from .._errors import ConfigurationError, RefreshUnavailable, TokenEndpointError
 from .._oauth_messages import (
     ClientAuthMethod,
@@ -32,8 +38,6 @@ from .._tokens import TokenSet
 
 __all__ = ["Endpoints", "ProbeError", "ProbeProvider", "TokenAnswer"]
 
-OIDC_PATH = "/.well-known/openid-configuration"
-RFC8414_PATH = "/.well-known/oauth-authorization-server"
 #: Names of the endpoints the probe reports, and the metadata fields they come from.
 ENDPOINT_FIELDS = {
     "authorization": "authorization_endpoint",
@@ -133,12 +137,10 @@ class ProbeProvider:
         """Fetch OIDC discovery and RFC 8414 metadata (§3.1 location, then under the issuer's
         path as some providers serve it). Neither usable: a configuration error."""
         found = self.endpoints
-        oidc = await self._document(self.issuer + OIDC_PATH, strict=True)
-        parts = urlsplit(self.issuer)
-        path = parts.path.rstrip("/")
-        candidates = [f"{parts.scheme}://{parts.netloc}{RFC8414_PATH}{path}"]
-        if path:
-            candidates.append(self.issuer + RFC8414_PATH)
+        oidc = await self._document(oidc_configuration_url(self.issuer), strict=True)
+        candidates = [oauth_metadata_url(self.issuer)]
+        if urlsplit(self.issuer).path:
+            candidates.append(self.issuer + OAUTH_METADATA_PATH)
         oauth = None
         for url in candidates:
             oauth = await self._document(url, strict=False)
@@ -148,8 +150,9 @@ class ProbeProvider:
                 break
         if oidc is None and oauth is None:
             raise ProbeError(
-                f"no metadata at {self.issuer}: neither {OIDC_PATH} nor {RFC8414_PATH} answered "
-                "(is --issuer the provider's issuer, path included?)",
+                f"no metadata at {self.issuer}: neither {OIDC_CONFIGURATION_PATH} nor "
+                f"{OAUTH_METADATA_PATH} answered (is --issuer the provider's issuer, path "
+                "included?)",
                 exit_code=2,
             )
         found.oidc = oidc is not None
