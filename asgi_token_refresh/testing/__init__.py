@@ -16,10 +16,11 @@ a key: that takes ``cryptography`` and PyJWT (the ``oidc`` extra). :func:`serve`
 uvicorn, and :func:`capture_telemetry` needs ``opentelemetry-sdk``.
 
 Layout: ``_clock`` (FakeClock), ``_faults`` (Fault, Gate), ``_grants`` (the provider's tokens,
-sessions and the rules for issuing them), ``_keys`` (signing keys, JWKS, tampered tokens),
-``_fake_idp`` (the ASGI app, ``/authorize`` and ``/token``), ``_endpoints`` (metadata, JWKS,
-userinfo, revocation, logout), ``_http`` (ASGI plumbing and client authentication),
-``_server`` (serve) and ``_telemetry`` (in-memory spans and metrics).
+sessions and the rules for issuing them), ``_pkce`` (the code verifier's check), ``_keys``
+(signing keys, JWKS, tampered tokens), ``_fake_idp`` (the ASGI app, ``/authorize`` and
+``/token``), ``_endpoints`` (metadata, JWKS, userinfo, revocation, logout), ``_http`` (ASGI
+plumbing and client authentication), ``_server`` (serve) and ``_telemetry`` (in-memory spans
+and metrics).
 """
 
 from ._clock import FakeClock

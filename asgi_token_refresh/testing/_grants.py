@@ -3,16 +3,13 @@
 Clients, authorization codes, grants (token families) and the refresh and access tokens hanging
 off them, with the policies that matter in a refresh storm: rotation, Okta-style reuse grace,
 Keycloak-style reuse counts and revoking a whole family on reuse. Also the provider sessions
-that logins open and logouts end, and the ID tokens, signed by :mod:`._keys`. No I/O here: the
-endpoints hold ``_lock`` around every call and turn a ``Reject`` into an answer.
+that logins open and logouts end, and the ID tokens, signed by :mod:`._keys`; a code's PKCE
+check is :mod:`._pkce`. No I/O here: the endpoints hold ``_lock`` around every call and turn a
+``Reject`` into an answer.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
-import re
 import secrets
 import threading
 from collections import deque
@@ -22,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock
 from ._http import Reject, authenticate_client
+from ._pkce import check_code_verifier
 
 if TYPE_CHECKING:
     from ._keys import KeyRing
@@ -218,17 +216,7 @@ class TokenIssuer:
             raise Reject("invalid_grant", "code already used")
         if form.get("redirect_uri") != code.redirect_uri:
             raise Reject("invalid_grant", "redirect_uri does not match")
-        verifier = form.get("code_verifier")
-        if verifier is not None and not _VERIFIER.fullmatch(verifier):
-            # RFC 7636 §4.1: 43 to 128 unreserved characters (real providers check it).
-            raise Reject("invalid_request", "code_verifier must be 43 to 128 unreserved characters")
-        # A verifier without a challenge is refused too (OAuth 2.1 PKCE downgrade protection).
-        if (code.challenge is None) != (verifier is None) or (
-            verifier is not None
-            and code.challenge is not None
-            and not hmac.compare_digest(_s256(verifier), code.challenge)
-        ):
-            raise Reject("invalid_grant", "PKCE verification failed")
+        check_code_verifier(code.challenge, form.get("code_verifier"))
         code.grant = _Grant(
             client_id, code.subject, code.scope, code.nonce, sid=code.sid, auth_time=code.auth_time
         )
@@ -354,15 +342,3 @@ class TokenIssuer:
 
 def _number(value: float) -> float | int:
     return int(value) if float(value).is_integer() else value
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-_VERIFIER = re.compile(r"[A-Za-z0-9\-._~]{43,128}")
-
-
-def _s256(verifier: str) -> str:
-    """RFC 7636 §4.2: BASE64URL(SHA256(ASCII(code_verifier))), no padding."""
-    return _b64url(hashlib.sha256(verifier.encode("ascii", "replace")).digest())
