@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from ._clock import Clock
 from ._errors import ConfigurationError, LoginFailed, RefreshUnavailable
+from ._oauth_messages import DEFAULT_RETRY_AFTER
+from ._per_loop import PerLoop
 
 if TYPE_CHECKING:
     from ._oauth import OAuth2Client
@@ -55,7 +57,8 @@ class IdTokenVerifier:
         self.clock = clock or client.clock
         self._keys: dict[str | None, Any] = {}  # kid -> jwt.PyJWK
         self._fetched_at: float | None = None  # monotonic
-        self._fetching: asyncio.Lock | None = None
+        # One JWKS fetch at a time on each loop (a lock belongs to one loop, like a pool).
+        self._fetching: PerLoop[asyncio.Lock] = PerLoop(asyncio.Lock)
 
     async def verify(self, id_token: str, *, nonce: str | None) -> dict[str, Any]:
         """The verified claims, or :class:`LoginFailed` saying what is wrong (never echoing the
@@ -131,9 +134,7 @@ class IdTokenVerifier:
         kid = kid if isinstance(kid, str) else None
         key = self._pick(kid)
         if key is None:
-            if self._fetching is None:
-                self._fetching = asyncio.Lock()
-            async with self._fetching:
+            async with self._fetching.get():
                 key = self._pick(kid)
                 now = self.clock.monotonic()
                 recent = self._fetched_at is not None and (
@@ -166,7 +167,9 @@ class IdTokenVerifier:
             keys = None
         if not isinstance(keys, list):
             raise RefreshUnavailable(
-                "provider_error", retry_after=5.0, detail="the JWKS is not a JWK Set"
+                "provider_error",
+                retry_after=DEFAULT_RETRY_AFTER,
+                detail="the JWKS is not a JWK Set",
             )
         self._keys = {
             key.get("kid") if isinstance(key.get("kid"), str) else None: key

@@ -3,6 +3,7 @@ asymmetric algorithm only), and a login only ever returns to a path on this site
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -223,6 +224,37 @@ async def test_a_rotated_key_is_fetched_when_a_token_names_it(keys: Keys) -> Non
     clock.advance(61)  # past the refetch interval
     second = jwt.encode(claims(), rotated, algorithm="RS256", headers={"kid": "rsa-2"})
     assert (await verifier.verify(second, nonce="n1"))["sub"] == "alice"
+    assert keys.fetches == 2
+
+
+class _Yielding(httpx.AsyncBaseTransport):
+    """``keys`` served after a turn of the loop, so concurrent verifications meet at the lock."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0)
+        return self.keys.handle(request)
+
+
+def test_one_verifier_fetches_keys_on_any_loop_when_logins_meet(keys: Keys) -> None:
+    clock = FakeClock(float(NOW))
+    client = OAuth2Client.from_discovery(
+        ISSUER, client_id="app", client_secret="s", transport=_Yielding(keys), clock=clock
+    )
+    verifier = IdTokenVerifier(client)
+
+    async def two_logins(kid: str, key: Any) -> None:
+        token = jwt.encode(claims(), key, algorithm="RS256", headers={"kid": kid})
+        both = [verifier.verify(token, nonce="n1") for _ in range(2)]
+        assert [c["sub"] for c in await asyncio.gather(*both)] == ["alice", "alice"]
+
+    asyncio.run(two_logins("rsa-1", keys.rsa))  # e.g. a TestClient's loop per request
+    rotated = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    keys.published.append(Keys.jwk(rotated, "rsa-2", "RS256"))
+    clock.advance(61)
+    asyncio.run(two_logins("rsa-2", rotated))
     assert keys.fetches == 2
 
 
