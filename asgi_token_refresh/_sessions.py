@@ -54,12 +54,17 @@ _FLUSH_BATCH = 100
 _MAX_SESSION_ID = 128
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class Session:
-    """A session as a store loaded it. ``id`` is the opaque id of server-side stores."""
+    """A session as a store loaded it. ``id`` is the opaque id of server-side stores: a
+    credential like the cookie that carries it, so ``repr`` never shows it."""
 
     token_set: TokenSet
     id: str | None = None
+
+    def __repr__(self) -> str:
+        hidden = "" if self.id is None else ", id=<hidden>"
+        return f"Session(token_set={self.token_set!r}{hidden})"
 
 
 def new_session_id() -> str:

@@ -377,6 +377,20 @@ async def login(store: BackendSessionStore, tokens: TokenSet) -> dict[str, str]:
     return cookies_from(set_cookies)
 
 
+async def test_a_sessions_repr_shows_neither_its_id_nor_its_tokens() -> None:
+    store = MemorySessionStore(secure=False)
+    tokens = token_set(access="AT-SECRET", refresh="RT-SECRET")
+    session, _ = await store.save({}, None, tokens, new_session=True)
+    assert session is not None
+    assert session.id
+    text = repr(session)
+    assert session.id not in text
+    assert "SECRET" not in text
+    assert text.startswith("Session(token_set=TokenSet(")
+    assert "id=<hidden>" in text
+    assert "id=" not in repr(Session(tokens))  # a cookie session has none
+
+
 async def test_a_refresh_the_store_could_not_take_is_written_on_the_sessions_next_request() -> None:
     backend = FlakyBackend()
     store = BackendSessionStore(backend, secure=False)
