@@ -115,7 +115,10 @@ class TokenRefreshMiddleware:
         accessor = TokenAccessor(
             scope, self.store, self.refresher, self._anonymous, server_side=self._server_side
         )
-        scope.setdefault("state", {})[self.state_key] = accessor
+        state = scope.get("state")  # (servers set it; setdefault would make a dict anyway)
+        if state is None:
+            state = scope["state"] = {}
+        state[self.state_key] = accessor
         started = False  # the response has started (ours or the app's)
         answered = False  # the middleware answered instead of the app: drop the app's messages
 
@@ -147,9 +150,11 @@ class TokenRefreshMiddleware:
             nonlocal answered
             if answered:
                 return
+            if started:  # the body, websocket frames: straight through
+                await send(message)
+                return
             if (
                 message["type"] == "http.response.start"
-                and not started
                 and message.get("status", 200) >= 500
                 and self._answers(accessor.failure)
             ):
