@@ -52,7 +52,6 @@ import random
 import re
 import secrets
 import signal
-import socket
 import string
 import tempfile
 import threading
@@ -97,7 +96,13 @@ from asgi_token_refresh.testing import (
     capture_telemetry,
     serve,
 )
-from tests.processes import HOST, RedisServer, kill, require, running_redis, spawn, stop, wait_until
+from tests.processes import (
+    RedisServer,
+    free_port,
+    kill,
+    running_redis,
+    spawn_redis,
+)
 
 logger = logging.getLogger("reliability")
 
@@ -1500,11 +1505,6 @@ class DurableRedis(RedisServer):
     Redis holding sessions runs in production: an append-only file, fsynced before each reply.
     Without it "nothing is lost once Redis is back" could not hold for anyone."""
 
-    directory: Path = Path()
-
-    def start(self) -> None:
-        self.process = _spawn_durable(self.port, self.directory)
-
     def kill(self) -> None:
         kill(self.process)
 
@@ -1515,31 +1515,16 @@ class DurableRedis(RedisServer):
         os.kill(self.process.pid, signal.SIGCONT)
 
 
-def _spawn_durable(port: int, directory: Path) -> Any:
-    command = [require("redis-server"), "--port", str(port), "--bind", HOST, "--save", ""]
-    command += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(directory)]
-    command += ["--busy-reply-threshold", "50"]  # a script over 50 ms: -BUSY to the others
-    process = spawn(command, log=directory / "redis.log")
-
-    def pong() -> bool:
-        with socket.create_connection((HOST, port), 0.2) as connection:
-            connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")  # not -LOADING
-
-    if not wait_until(f"redis-server on port {port}", pong, process, timeout=10):
-        stop(process)
-        raise RuntimeError(f"redis-server on port {port} did not start")
-    return process
-
-
 @contextlib.contextmanager
 def durable_redis() -> Iterator[DurableRedis]:
-    from tests.processes import free_port
-
     with tempfile.TemporaryDirectory(prefix="atr-redis-") as directory:
         port = free_port()
-        process = _spawn_durable(port, Path(directory))
-        server = DurableRedis(port=port, process=process, directory=Path(directory))
+        options = (
+            *("--appendonly", "yes", "--appendfsync", "always", "--dir", directory),
+            *("--busy-reply-threshold", "50"),  # a script over 50 ms: -BUSY to the others
+        )
+        log = Path(directory) / "redis.log"
+        server = DurableRedis(port, spawn_redis(port, options, log), options, log)
         try:
             yield server
         finally:

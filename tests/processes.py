@@ -155,12 +155,14 @@ def wait_until(
 
 @dataclass
 class RedisServer:
-    """A redis-server of our own on a free loopback port, without persistence; ``options``
-    are its extra command-line options (a cluster node's), kept for :meth:`start`."""
+    """A redis-server of our own on a free loopback port, without persistence unless
+    ``options`` (its extra command-line options: a cluster node's, a durable one's) say so;
+    they and ``log`` (where its output goes) are kept for :meth:`start`."""
 
     port: int
     process: subprocess.Popen[bytes]
     options: tuple[str, ...] = ()
+    log: Path = Path(os.devnull)  # its start-up banner is noise
 
     @property
     def url(self) -> str:
@@ -182,18 +184,22 @@ class RedisServer:
 
     def start(self) -> None:
         """(Re)start on the same port, after :meth:`stop`."""
-        self.process = _spawn_redis(self.port, self.options)
+        self.process = spawn_redis(self.port, self.options, self.log)
 
 
-def _spawn_redis(port: int, options: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+def spawn_redis(
+    port: int, options: Sequence[str] = (), log: Path = Path(os.devnull)
+) -> subprocess.Popen[bytes]:
+    """Start redis-server on ``port`` (``options`` after ours: the later wins); return when it
+    answers PING."""
     command = [require("redis-server"), "--port", str(port), "--bind", HOST]
     command += ["--save", "", "--appendonly", "no", *options]
-    process = spawn(command, log=Path(os.devnull))  # its start-up banner is noise
+    process = spawn(command, log=log)
 
     def pong() -> bool:
         with socket.create_connection((HOST, port), 0.2) as connection:
             connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
+            return connection.recv(16).startswith(b"+PONG")  # not -LOADING (a file read in)
 
     if not wait_until(f"redis-server on port {port}", pong, process, timeout=10):
         stop(process)
@@ -205,7 +211,7 @@ def _spawn_redis(port: int, options: Sequence[str] = ()) -> subprocess.Popen[byt
 def running_redis() -> Iterator[RedisServer]:
     """A redis-server for the ``with`` block, ready when this yields."""
     port = free_port()
-    server = RedisServer(port, _spawn_redis(port))
+    server = RedisServer(port, spawn_redis(port))
     try:
         yield server
     finally:
@@ -257,7 +263,7 @@ def running_redis_cluster(size: int = 3) -> Iterator[RedisCluster]:
             for port in _cluster_ports(size):
                 config = f"{directory}/nodes-{port}.conf"
                 options = ("--cluster-enabled", "yes", "--cluster-config-file", config)
-                cluster.nodes.append(RedisServer(port, _spawn_redis(port, options), options))
+                cluster.nodes.append(RedisServer(port, spawn_redis(port, options), options))
             command = [cli, "--cluster", "create"]
             command += [f"{HOST}:{node.port}" for node in cluster.nodes]
             command += ["--cluster-replicas", "0", "--cluster-yes"]
