@@ -53,11 +53,16 @@ _session_cookie = _SessionCookie()
 def token_accessor(
     connection: HTTPConnection, _scheme: Annotated[None, Depends(_session_cookie)] = None
 ) -> TokenAccessor:
-    """The request's :class:`TokenAccessor` (HTTP and WebSocket endpoints alike)."""
-    accessor = connection.scope.get("state", {}).get("token")
-    if not isinstance(accessor, TokenAccessor):
-        raise ConfigurationError("request.state.token is missing: add TokenRefreshMiddleware")
-    return accessor
+    """The request's :class:`TokenAccessor` (HTTP and WebSocket endpoints alike), under
+    ``request.state.token`` or whatever ``state_key`` the middleware was given."""
+    state = connection.scope.get("state", {})
+    accessor = state.get("token")
+    if isinstance(accessor, TokenAccessor):
+        return accessor
+    for value in state.values():  # TokenRefreshMiddleware(state_key=...)
+        if isinstance(value, TokenAccessor):
+            return value
+    raise ConfigurationError("request.state.token is missing: add TokenRefreshMiddleware")
 
 
 Token = Annotated[TokenAccessor, Depends(token_accessor)]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from fastapi import FastAPI
+from starlette.testclient import TestClient
 
+from asgi_token_refresh import MemorySessionStore, OAuth2Client, TokenRefreshMiddleware
 from asgi_token_refresh.fastapi import RESPONSES, Token
 
 
@@ -26,3 +28,21 @@ def test_routes_that_take_a_token_are_documented_as_protected_with_their_401_and
     responses = spec["paths"]["/me"]["get"]["responses"]
     assert "reauthentication_required" in responses["401"]["description"]
     assert "Retry-After" in responses["503"]["headers"]
+
+
+def test_token_finds_the_accessor_under_the_middlewares_own_state_key() -> None:
+    app = FastAPI()
+
+    @app.get("/signed-in")
+    async def signed_in(token: Token) -> dict[str, bool]:
+        return {"signed_in": await token.is_authenticated()}
+
+    client = OAuth2Client(
+        client_id="app", client_secret="s", token_endpoint="https://idp.test/token"
+    )
+    wrapped = TokenRefreshMiddleware(
+        app, client=client, store=MemorySessionStore(secure=False), state_key="tokens"
+    )
+    with TestClient(wrapped) as browser:
+        response = browser.get("/signed-in")
+    assert (response.status_code, response.json()) == (200, {"signed_in": False})
