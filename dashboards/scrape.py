@@ -25,7 +25,6 @@ import asyncio
 import contextlib
 import hashlib
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -357,12 +356,6 @@ def readme_table(text: str) -> str:
     """The table block as it stands in README.md."""
     start, end = text.index(TABLE_START), text.index(TABLE_END)
     return text[start : end + len(TABLE_END)]
-
-
-def library_series(result: Scrape) -> Iterator[str]:
-    """Every sample name the library's instruments put on the page."""
-    for row in rows(result):
-        yield from row.family.series
 
 
 def main(argv: list[str] | None = None) -> int:
